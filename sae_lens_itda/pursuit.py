@@ -118,7 +118,8 @@ def _compiled_chunk(x, atoms, k, nonneg, gram, method):
     c0 = (x @ atoms.T).contiguous()
     idx = torch.zeros(x.shape[0], k, dtype=torch.long)
     val = torch.zeros(x.shape[0], k, dtype=torch.float32)
-    g = gram.float().contiguous().numpy()
+    g = gram.float()
+    g = (g if g.stride(-1) == 1 else g.contiguous()).numpy()  # row views of a bigger buffer are fine
     if method == "omp":
         tol = (1e-7 * x.norm(dim=1)).numpy()
         kern.omp_gram(c0.numpy(), g, k, nonneg, tol, idx.numpy(), val.numpy(), torch.get_num_threads())

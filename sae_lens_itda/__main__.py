@@ -1,0 +1,3 @@
+from sae_lens_itda.cli import main
+
+main()

@@ -1,0 +1,116 @@
+"""Command line: ``sae-lens-itda train CONFIG.yaml``, ``sae-lens-itda eval DIR``, ``sae-lens-itda demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from sae_lens import LanguageModelSAERunnerConfig
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "smollm2-135m-resid15.yaml"
+
+
+def load_runner_config(path: str | Path, **overrides: Any) -> LanguageModelSAERunnerConfig:
+    """A SAELens runner config from YAML: runner fields at the top level, ITDA fields under ``sae:``."""
+    from sae_lens_itda.training import ITDATrainingSAEConfig
+
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    sae_fields = raw.pop("sae", None)
+    if not isinstance(sae_fields, dict):
+        raise ValueError(f"{path}: needs an 'sae:' mapping with at least d_in")
+    try:
+        sae_cfg = ITDATrainingSAEConfig(**sae_fields)
+        return LanguageModelSAERunnerConfig(sae=sae_cfg, **raw)
+    except TypeError as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
+def train(args: argparse.Namespace) -> Any:
+    from sae_lens_itda.training import ITDATrainingRunner
+
+    cfg = load_runner_config(args.config, training_tokens=args.training_tokens, output_path=args.output_path)
+    t0 = time.perf_counter()
+    runner = ITDATrainingRunner(cfg, resume_from=args.resume_from)
+    itda = runner.run()
+    wall = time.perf_counter() - t0
+    print(f"Built {itda.cfg.d_sae} atoms from {runner.builder.tokens_seen:,} tokens in {wall:.0f} s "
+          f"(LLM forward {runner.timings['activations_s']:.0f} s, construction {runner.timings['construction_s']:.0f} s); "
+          f"saved to {cfg.output_path}")
+    return runner, itda, wall
+
+
+def evaluate_cmd(args: argparse.Namespace) -> None:
+    from sae_lens_itda.evaluation import evaluate
+    from sae_lens_itda.itda import ITDA
+    from sae_lens_itda.models import load_model
+
+    itda = ITDA.load_from_disk(args.path)
+    model = load_model(itda.cfg.metadata.model_name)
+    print(json.dumps(evaluate(itda, model, n_tokens=args.eval_tokens), indent=2))
+
+
+def demo(args: argparse.Namespace) -> None:
+    """Build an ITDA on SmolLM2-135M offline, evaluate it on held-out text, show some atoms."""
+    from sae_lens_itda.evaluation import evaluate
+
+    args.config = args.config or DEMO_CONFIG
+    runner, itda, wall = train(args)
+    res = evaluate(itda, runner.model, n_tokens=args.eval_tokens)
+    ws, wi = res["without_sinks"], res["with_sinks"]
+    print("\n== ITDA on", itda.cfg.metadata.model_name, itda.cfg.metadata.hook_name, "==")
+    rows = [
+        ("dictionary size", f"{itda.cfg.d_sae}"),
+        ("L0 (k)", f"{ws['l0']:.1f} ({itda.cfg.k})"),
+        ("final threshold", f"{itda.cfg.loss_threshold:.2e}"),
+        ("training tokens", f"{runner.builder.tokens_seen:,}"),
+        ("wall time", f"{wall:.0f} s (LLM {runner.timings['activations_s']:.0f} s, construction {runner.timings['construction_s']:.0f} s)"),
+        ("explained variance (held-out, no sinks)", f"{ws['explained_variance']:.3f}"),
+        (f"explained variance (with {res['n_sinks']} sinks)", f"{wi['explained_variance']:.3f}"),
+        ("CE-loss score", f"{res['ce_loss_score']:.3f}"),
+        ("KL score", f"{res['kl_div_score']:.3f}"),
+    ]
+    for name, val in rows:
+        print(f"  {name:<42} {val}")
+    print("\nA few atoms and the tokens they came from:")
+    step = max(1, itda.cfg.d_sae // 8)
+    for i in range(0, itda.cfg.d_sae, step)[:8]:
+        print(f"  atom {i:>6}: {itda.labels[i]}")
+    if args.output_path or runner.cfg.output_path:
+        out = Path(runner.cfg.output_path) / "eval.json"
+        out.write_text(json.dumps(res, indent=2))
+        print(f"\nMetrics written to {out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sae_lens_itda  # noqa: F401  (registers the architecture)
+
+    p = argparse.ArgumentParser(prog="sae-lens-itda", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name, fn, hlp in (("train", train, "build an ITDA from a YAML config"),
+                          ("demo", demo, "build and evaluate an ITDA on SmolLM2-135M offline")):
+        sp = sub.add_parser(name, help=hlp)
+        sp.add_argument("config", nargs="?" if name == "demo" else None, default=None)
+        sp.add_argument("--training-tokens", type=int, default=None)
+        sp.add_argument("--output-path", default=None)
+        sp.add_argument("--resume-from", default=None, help="a checkpoint folder written by a previous run")
+        sp.add_argument("--eval-tokens", type=int, default=20_000)
+        sp.set_defaults(fn=fn)
+    ev = sub.add_parser("eval", help="evaluate a saved ITDA on held-out text")
+    ev.add_argument("path")
+    ev.add_argument("--eval-tokens", type=int, default=20_000)
+    ev.set_defaults(fn=evaluate_cmd)
+    args = p.parse_args(argv)
+    try:
+        args.fn(args)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""Greedy ITDA dictionary construction (Leask et al., 2025), independent of where batches come from.
+
+For each batch of activations: encode every eligible token with pursuit at L0 = k over the
+current dictionary, measure the paper's normalised error
+
+    err(x) = mean_d (x/|x| - x̂/|x̂|)²        (= (2 - 2 cos(x, x̂)) / d)
+
+and make the tokens above ``loss_threshold`` candidate atoms. The paper then adds every
+candidate at once, and since all are tested against the same old dictionary, near-duplicates
+in one batch all get in. Here candidates are re-tested in small groups, in stream order,
+against the dictionary *including* the atoms the earlier groups of the batch added; within a
+group, a candidate is dropped when an accepted one alone reconstructs it within the threshold.
+
+Never atoms: position 0, special tokens (BOS/EOS/PAD/UNK), and attention sinks (norm above
+``sink_factor`` times the batch's median norm).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from sae_lens_itda import pursuit
+from sae_lens_itda.labels import AtomLabel
+
+_GROUP = 32  # candidates re-tested together; smaller is closer to one-at-a-time, and slower
+
+
+@dataclass
+class ConstructionSettings:
+    """What the greedy construction needs to know (a subset of ``ITDATrainingSAEConfig``)."""
+
+    k: int = 40
+    loss_threshold: float = 4e-4
+    max_dict_size: int | None = None
+    target_dict_size: int | None = None
+    n_seed_atoms: int = 0
+    pursuit: str = "omp"
+    nonneg: bool = False
+    sink_factor: float = 10.0
+    exclude_first_position: bool = True
+
+
+@dataclass
+class BatchStats:
+    tokens: int
+    eligible: int
+    added: int
+    mean_error: float
+    threshold: float
+
+
+@dataclass
+class Builder:
+    """Holds the growing dictionary; feed it batches with :meth:`add_batch`."""
+
+    d_in: int
+    settings: ConstructionSettings
+    special_token_ids: list[int] = field(default_factory=list)
+    atoms: torch.Tensor = None  # type: ignore[assignment]  # [n, d] unit rows, float32
+    labels: list[AtomLabel | None] = field(default_factory=list)
+    threshold: float = 0.0
+    tokens_seen: int = 0
+    seqs_seen: int = 0
+
+    def __post_init__(self):
+        self.threshold = self.settings.loss_threshold
+        self._set_atoms(torch.zeros(0, self.d_in) if self.atoms is None else self.atoms)
+
+    @property
+    def size(self) -> int:
+        return self.atoms.shape[0]
+
+    def _set_atoms(self, atoms: torch.Tensor) -> None:
+        # Atoms and their Gram matrix live in buffers that double when full, so adding a
+        # group of atoms costs O(n·d) for the new Gram rows, not a copy of the whole matrix.
+        n = atoms.shape[0]
+        cap = max(256, 2 * n)
+        self._abuf = torch.zeros(cap, self.d_in)
+        self._abuf[:n] = atoms.float()
+        self._gbuf = torch.zeros(cap, cap)
+        self._gbuf[:n, :n] = pursuit.gram_matrix(atoms)
+        self._n = n
+        self.atoms = self._abuf[:n]
+        self._gram = self._gbuf[:n, :n]
+
+    def capacity(self) -> int | None:
+        caps = [c for c in (self.settings.max_dict_size, self.settings.target_dict_size) if c]
+        return min(caps) if caps else None
+
+    def errors(self, x: torch.Tensor) -> torch.Tensor:
+        """The paper's normalised error of each row of ``x`` under the current dictionary."""
+        if self.size == 0:
+            return torch.full((x.shape[0],), 1.0 / self.d_in)
+        idx, val = pursuit.encode_sparse(
+            x, self.atoms, self.settings.k, self.settings.pursuit, self.settings.nonneg, gram=self._gram
+        )
+        recon = pursuit.decode_sparse(idx, val, self.atoms)
+        xn = x / x.norm(dim=1, keepdim=True)
+        rn = recon / recon.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return ((xn - rn) ** 2).mean(dim=1)
+
+    def eligible_mask(self, acts: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+        """[B, ctx] mask of tokens allowed to become atoms."""
+        B, ctx, _ = acts.shape
+        ok = torch.ones(B, ctx, dtype=torch.bool)
+        if self.settings.exclude_first_position:
+            ok[:, 0] = False
+        if tokens is not None and self.special_token_ids:
+            ok &= ~torch.isin(tokens.cpu(), torch.tensor(self.special_token_ids))
+        norms = acts.norm(dim=-1)
+        ok &= norms > 0
+        if ok.any():
+            median = norms[ok].median()
+            ok &= norms <= self.settings.sink_factor * median
+        return ok
+
+    def add_batch(self, acts: torch.Tensor, tokens: torch.Tensor | None, make_label, batches_left: int = 1) -> BatchStats:
+        """Grow the dictionary from one batch ``acts [B, ctx, d]`` (``tokens [B, ctx]`` or None).
+
+        ``make_label(seq_in_batch, position)`` returns the label for an atom taken from there;
+        ``batches_left`` (this one included) paces the threshold when a target size is set.
+        """
+        acts = acts.detach().float().cpu()
+        B, ctx, d = acts.shape
+        if d != self.d_in:
+            raise ValueError(f"Activations have d_in={d}, the dictionary has d_in={self.d_in}")
+        ok = self.eligible_mask(acts, tokens)
+        where = ok.nonzero()  # [m, 2] (sequence, position), in stream order
+        x = acts[ok]
+        added_before = self.size
+        if self.size == 0 and self.settings.n_seed_atoms and tokens is not None:
+            self._seed(x, tokens[ok], where, make_label)
+        err = self.errors(x) if len(x) else torch.zeros(0)
+        if self.settings.target_dict_size:
+            self._pace_threshold(err, batches_left)
+        cand = (err > self.threshold).nonzero().squeeze(1)
+        cap = self.capacity()
+        for s in range(0, len(cand), _GROUP):
+            if cap is not None and self.size >= cap:
+                break
+            group = cand[s : s + _GROUP]
+            if self.size > added_before:  # re-test against the atoms this batch already added
+                group = group[self.errors(x[group]) > self.threshold]
+            keep = group[self._non_duplicates(x[group])]
+            if cap is not None:
+                keep = keep[: cap - self.size]
+            self._append(x[keep], [make_label(int(where[j, 0]), int(where[j, 1])) for j in keep.tolist()])
+        self.tokens_seen += B * ctx
+        self.seqs_seen += B
+        return BatchStats(B * ctx, len(x), self.size - added_before, float(err.mean()) if len(err) else math.nan, self.threshold)
+
+    def _non_duplicates(self, x: torch.Tensor) -> list[int]:
+        """Indices of ``x`` kept when each accepted row suppresses rows it alone reconstructs within τ."""
+        if len(x) == 0:
+            return []
+        xn = x / x.norm(dim=1, keepdim=True)
+        cos = xn @ xn.T
+        if not self.settings.nonneg:
+            cos = cos.abs()
+        # err = (2 - 2cos)/d <= τ  <=>  cos >= 1 - τ d / 2
+        dup = cos >= 1 - self.threshold * self.d_in / 2
+        keep, suppressed = [], torch.zeros(len(x), dtype=torch.bool)
+        for i in range(len(x)):
+            if not suppressed[i]:
+                keep.append(i)
+                suppressed |= dup[i]
+        return keep
+
+    def _seed(self, x, tok, where, make_label) -> None:
+        """Start from the first activation of each of the batch's most frequent tokens."""
+        ids, counts = tok.unique(return_counts=True)
+        top = ids[counts.argsort(descending=True, stable=True)][: self.settings.n_seed_atoms]
+        rows = [int((tok == t).nonzero()[0]) for t in top]
+        rows = rows[: self.capacity() or len(rows)]
+        keep = [rows[i] for i in self._non_duplicates(x[rows])]
+        self._append(x[keep], [make_label(int(where[j, 0]), int(where[j, 1])) for j in keep])
+
+    def _pace_threshold(self, err: torch.Tensor, batches_left: int) -> None:
+        """With a target size, pick τ so this batch's candidates fill the remaining room evenly."""
+        room = self.settings.target_dict_size - self.size
+        if room <= 0 or len(err) == 0:
+            return
+        quota = max(1, math.ceil(room / max(1, batches_left)))
+        if quota >= len(err):
+            self.threshold = 0.0
+        else:
+            self.threshold = float(err.sort(descending=True).values[quota - 1])
+
+    def _append(self, new: torch.Tensor, labels: list[AtomLabel | None]) -> None:
+        if len(new) == 0:
+            return
+        new = new / new.norm(dim=1, keepdim=True)
+        n_old, n = self._n, self._n + len(new)
+        if n > self._abuf.shape[0]:
+            self._set_atoms(self.atoms)  # doubles the buffers
+        self._abuf[n_old:n] = new
+        rows = new @ self._abuf[:n].T
+        self._gbuf[n_old:n, :n] = rows
+        self._gbuf[:n, n_old:n] = rows.T
+        self._n = n
+        self.atoms = self._abuf[:n]
+        self._gram = self._gbuf[:n, :n]
+        self.labels.extend(labels)
+
+    # --- checkpointing ------------------------------------------------------------------
+
+    def state(self) -> dict:
+        return {"threshold": self.threshold, "tokens_seen": self.tokens_seen, "seqs_seen": self.seqs_seen}
+
+    def load_state(self, atoms: torch.Tensor, labels: list[AtomLabel | None], state: dict) -> None:
+        self._set_atoms(atoms.float().cpu())
+        self.labels = list(labels)
+        self.threshold = state["threshold"]
+        self.tokens_seen = state["tokens_seen"]
+        self.seqs_seen = state["seqs_seen"]

@@ -1,0 +1,78 @@
+"""Held-out evaluation of an ITDA (or any SAELens SAE) on a real model.
+
+Reconstruction metrics are reported twice: without attention sinks (the headline: a few
+dozen sink tokens can hold most of the variance) and with them. CE-loss and KL scores come
+from SAELens's own ``run_evals`` on held-out windows of the same corpus.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from sae_lens.evals import EvalConfig, run_evals
+from sae_lens.training.activation_scaler import ActivationScaler
+from sae_lens.training.activations_store import ActivationsStore
+
+from sae_lens_itda.activations import cached_activations
+
+
+@torch.no_grad()
+def reconstruction_metrics(sae, acts: torch.Tensor, batch_size: int = 2048) -> dict[str, float]:
+    """Explained variance (1 - SSE / total variance about the mean), cosine, MSE and L0."""
+    sse, l0, cos = 0.0, 0.0, 0.0
+    for s in range(0, len(acts), batch_size):
+        x = acts[s : s + batch_size]
+        if hasattr(sae, "encode_sparse"):
+            idx, val = sae.encode_sparse(x)
+            recon = sae.decode_sparse(idx, val)
+            l0 += float((val != 0).sum())
+        else:
+            feats = sae.encode(x)
+            recon = sae.decode(feats)
+            l0 += float((feats != 0).sum())
+        sse += float(((x - recon) ** 2).sum())
+        cos += float(torch.nn.functional.cosine_similarity(x, recon, dim=1).sum())
+    n = len(acts)
+    total = float(((acts - acts.mean(0)) ** 2).sum())
+    return {"explained_variance": 1 - sse / total, "mse": sse / (n * acts.shape[1]), "cossim": cos / n, "l0": l0 / n, "n_tokens": n}
+
+
+def evaluate(
+    sae,
+    model,
+    corpus: str = "shakespeare",
+    split: str = "test",
+    n_tokens: int = 20_000,
+    context_size: int = 128,
+    ce_batches: int = 10,
+    ce_batch_prompts: int = 8,
+) -> dict[str, Any]:
+    """Reconstruction on held-out activations (with and without sinks) plus CE-loss/KL scores."""
+    hook = sae.cfg.metadata.hook_name
+    acts = cached_activations(model.cfg.model_name, hook, split=split, n_tokens=n_tokens,
+                              context_size=context_size, corpus=corpus, exclude_sinks=False, model=model)
+    out: dict[str, Any] = {"dict_size": sae.cfg.d_sae, "n_sinks": int(acts.is_sink.sum())}
+    out["without_sinks"] = reconstruction_metrics(sae, acts.acts[~acts.is_sink])
+    out["with_sinks"] = reconstruction_metrics(sae, acts.acts)
+    if ce_batches > 0:
+        out.update(ce_and_kl(sae, model, corpus, split, context_size, ce_batches, ce_batch_prompts))
+    return out
+
+
+def ce_and_kl(sae, model, corpus: str, split: str, context_size: int, n_batches: int, batch_prompts: int) -> dict[str, float]:
+    """SAELens's CE-loss score and KL score with the SAE spliced in, on held-out windows."""
+    from sae_lens_itda.data import load_token_dataset
+
+    ds = load_token_dataset(corpus, model.tokenizer, context_size, split=split)
+    store = ActivationsStore.from_sae(model, sae, dataset=ds, context_size=context_size, streaming=False,
+                                      store_batch_size_prompts=batch_prompts, device=str(sae.device))
+    cfg = EvalConfig(n_eval_reconstruction_batches=n_batches, compute_kl=True, compute_ce_loss=True,
+                     batch_size_prompts=batch_prompts)
+    metrics, _ = run_evals(sae, store, model, ActivationScaler(), cfg)
+    return {
+        "ce_loss_score": metrics["model_performance_preservation"]["ce_loss_score"],
+        "ce_loss_with_sae": metrics["model_performance_preservation"]["ce_loss_with_sae"],
+        "ce_loss_without_sae": metrics["model_performance_preservation"]["ce_loss_without_sae"],
+        "kl_div_score": metrics["model_behavior_preservation"]["kl_div_score"],
+    }

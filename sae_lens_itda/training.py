@@ -1,0 +1,301 @@
+"""ITDA construction as a SAELens trainer: config, registration class and runner.
+
+The runner reuses SAELens's machinery (``load_model``, ``ActivationsStore``, saving, W&B
+logging) and swaps gradient training for the greedy construction in
+:mod:`sae_lens_itda.construction`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from sae_lens import LanguageModelSAERunnerConfig
+from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
+from sae_lens.training.activations_store import ActivationsStore
+from tqdm.auto import tqdm
+from typing_extensions import override
+
+from sae_lens_itda.construction import Builder, ConstructionSettings
+from sae_lens_itda.itda import ITDA, ITDAConfig
+from sae_lens_itda.labels import AtomLabel
+
+STATE_FILENAME = "itda_builder_state.json"
+
+
+@dataclass
+class ITDATrainingSAEConfig(TrainingSAEConfig):
+    """How to build an ITDA dictionary; the inference config is :class:`ITDAConfig`.
+
+    Args:
+        k: L0 used while building and stored in the resulting ITDA.
+        loss_threshold: τ; tokens whose normalised error exceeds it become atoms. The error is
+            (2 - 2 cos(x, x̂)) / d_in, so a useful τ shrinks with d_in.
+        max_dict_size: stop adding atoms at this size.
+        target_dict_size: pick τ per batch so the dictionary ends near this size (overrides
+            ``loss_threshold`` after the first batch; the final τ is recorded).
+        n_seed_atoms: start from the activations of the first batch's most frequent tokens.
+        sink_factor: tokens with norm above this times the batch median never become atoms.
+        checkpoint_every_tokens: write a resumable checkpoint this often (0: never).
+        log_to_wandb: log to Weights & Biases, with the project/entity/run settings of the
+            runner config's ``logger``. Off by default (SAELens's own default is on).
+        d_sae: ignored for building (the size is what construction gives); kept for SAELens.
+    """
+
+    d_sae: int = 0
+    k: int = 40
+    loss_threshold: float = 4e-4
+    max_dict_size: int | None = None
+    target_dict_size: int | None = None
+    n_seed_atoms: int = 0
+    pursuit: str = "omp"
+    nonneg: bool = False
+    sink_factor: float = 10.0
+    checkpoint_every_tokens: int = 0
+    log_to_wandb: bool = False
+    apply_b_dec_to_input: bool = False
+    decoder_init_norm: float | None = None
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return "itda"
+
+    def settings(self) -> ConstructionSettings:
+        names = {f.name for f in fields(ConstructionSettings)}
+        return ConstructionSettings(**{n: getattr(self, n) for n in names if hasattr(self, n)})
+
+
+class ITDATrainingSAE(TrainingSAE[ITDATrainingSAEConfig]):
+    """Registration counterpart of :class:`ITDATrainingSAEConfig`.
+
+    ITDA is not trained by gradient descent; SAELens's ``SAETrainer`` cannot train it. Use
+    :class:`ITDATrainingRunner`, which builds the dictionary greedily.
+    """
+
+    @override
+    def initialize_weights(self) -> None:
+        self.b_dec = torch.nn.Parameter(torch.zeros(self.cfg.d_in, dtype=self.dtype, device=self.device))
+        self.W_dec = torch.nn.Parameter(torch.zeros(self.cfg.d_sae, self.cfg.d_in, dtype=self.dtype, device=self.device))
+
+    def _no_gradient_training(self, *args: Any, **kwargs: Any):
+        raise NotImplementedError("ITDA dictionaries are built greedily: use sae_lens_itda.ITDATrainingRunner")
+
+    encode_with_hidden_pre = _no_gradient_training
+    calculate_aux_loss = _no_gradient_training
+
+    @override
+    def get_coefficients(self) -> dict[str, Any]:
+        return {}
+
+    @override
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self._no_gradient_training()
+
+    @override
+    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        return feature_acts @ self.W_dec
+
+
+class ITDATrainingRunner:
+    """Build an ITDA on a language model's activations, the way SAELens's runner trains an SAE.
+
+    ``cfg.sae`` must be an :class:`ITDATrainingSAEConfig`. Embedded model names
+    (``"smollm2-135m"``, ``"gemma-3-270m"``) and the embedded corpus (``dataset_path="shakespeare"``)
+    work offline; anything else goes through SAELens unchanged. With
+    ``cfg.use_cached_activations`` the activations come from a ``CacheActivationsRunner`` cache.
+    """
+
+    def __init__(
+        self,
+        cfg: LanguageModelSAERunnerConfig,
+        override_dataset: Any = None,
+        override_model: Any = None,
+        resume_from: str | Path | None = None,
+        progress: bool = True,
+    ):
+        if not isinstance(cfg.sae, ITDATrainingSAEConfig):
+            raise TypeError(f"cfg.sae must be an ITDATrainingSAEConfig, got {type(cfg.sae).__name__}")
+        self.cfg = cfg
+        self.progress = progress
+        self.resume_from = Path(resume_from) if resume_from else None
+        self.model = None if cfg.use_cached_activations else (override_model or _load_model(cfg))
+        dataset = override_dataset
+        if dataset is None and self.model is not None and _is_embedded_corpus(cfg.dataset_path):
+            from sae_lens_itda.data import load_token_dataset
+
+            dataset = load_token_dataset(cfg.dataset_path, self.model.tokenizer, cfg.context_size, split="train")
+            # Windows come in document order; a seeded shuffle mixes works into every batch.
+            dataset = dataset.shuffle(seed=cfg.seed).flatten_indices()
+        # The store narrows the dataset's format to input_ids; labels read the other columns.
+        self.dataset = dataset.with_format(None) if hasattr(dataset, "with_format") else dataset
+        self.store = ActivationsStore.from_config(self.model, cfg, override_dataset=dataset)  # type: ignore[arg-type]
+        tokenizer = getattr(self.model, "tokenizer", None)
+        self.tokenizer = tokenizer
+        special = [] if tokenizer is None else sorted({i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id,
+                                                                    tokenizer.pad_token_id, tokenizer.unk_token_id) if i is not None})
+        self.builder = Builder(cfg.sae.d_in, cfg.sae.settings(), special_token_ids=special)
+        self.timings = {"activations_s": 0.0, "construction_s": 0.0}
+
+    # --- batches ------------------------------------------------------------------------
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        t0 = time.perf_counter()
+        if self.cfg.use_cached_activations:
+            ds = self.store.cached_activation_dataset
+            n = self.cfg.store_batch_size_prompts
+            start = self.builder.seqs_seen % len(ds)
+            rows = ds[start : start + n]
+            acts = rows[self.cfg.hook_name]
+            tokens = rows["token_ids"].long() if "token_ids" in rows else None
+        else:
+            tokens = self.store.get_batch_tokens()
+            acts = self.store.get_activations(tokens).reshape(tokens.shape[0], tokens.shape[1], -1)
+        self.timings["activations_s"] += time.perf_counter() - t0
+        return acts, tokens
+
+    def _skip_sequences(self, n: int) -> None:
+        """Advance the token stream past ``n`` sequences without running the model (for resume)."""
+        if self.cfg.use_cached_activations:
+            return  # cached rows are addressed by index
+        for _ in range(n):
+            try:
+                next(self.store.iterable_sequences)
+            except StopIteration:
+                self.store.iterable_sequences = self.store._iterate_tokenized_sequences()
+                next(self.store.iterable_sequences)
+
+    def _labeller(self, tokens: torch.Tensor | None, seq0: int):
+        def make_label(seq: int, pos: int) -> AtomLabel:
+            seq_index = seq0 + seq
+            if tokens is None:
+                return AtomLabel(seq_index=seq_index, position=pos, token_id=-1)
+            row = tokens[seq].tolist()
+            tok_id = row[pos]
+            doc_id, span = None, None
+            if self.dataset is not None and "doc_id" in getattr(self.dataset, "column_names", []):
+                rec = self.dataset[seq_index % len(self.dataset)]
+                doc_id = rec["doc_id"]
+                if "char_spans" in rec and rec["char_spans"][pos][0] >= 0:
+                    span = tuple(int(c) for c in rec["char_spans"][pos])
+            return AtomLabel(
+                seq_index=seq_index,
+                position=pos,
+                token_id=tok_id,
+                token=self._decode([tok_id]),
+                doc_id=doc_id,
+                char_span=span,
+                context=self._decode(row[max(0, pos - 12) : pos]) + "«" + self._decode([tok_id]) + "»" + self._decode(row[pos + 1 : pos + 4]),
+            )
+
+        return make_label
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+
+    # --- the run ------------------------------------------------------------------------
+
+    def run(self) -> ITDA:
+        cfg = self.cfg
+        if self.resume_from is not None:
+            self._load_checkpoint(self.resume_from)
+        tokens_per_batch = cfg.store_batch_size_prompts * cfg.context_size
+        n_batches = max(1, cfg.training_tokens // tokens_per_batch)
+        done = self.builder.tokens_seen // tokens_per_batch
+        wandb = _maybe_wandb(cfg)
+        bar = tqdm(total=n_batches * tokens_per_batch, initial=done * tokens_per_batch, unit="tok",
+                   disable=not self.progress, desc="ITDA")
+        next_ckpt = self._next_checkpoint()
+        for b in range(done, n_batches):
+            acts, tokens = self._next_batch()
+            t0 = time.perf_counter()
+            stats = self.builder.add_batch(acts, tokens, self._labeller(tokens, self.builder.seqs_seen), n_batches - b)
+            self.timings["construction_s"] += time.perf_counter() - t0
+            bar.update(stats.tokens)
+            bar.set_postfix(atoms=self.builder.size, err=f"{stats.mean_error:.2e}", tau=f"{stats.threshold:.1e}")
+            if wandb is not None:
+                wandb.log({"itda/dict_size": self.builder.size, "itda/mean_error": stats.mean_error,
+                           "itda/threshold": stats.threshold, "itda/added": stats.added}, step=self.builder.tokens_seen)
+            if next_ckpt is not None and self.builder.tokens_seen >= next_ckpt:
+                self.save_checkpoint()
+                next_ckpt = self._next_checkpoint()
+        bar.close()
+        itda = self.to_itda()
+        if cfg.output_path is not None:
+            itda.save_model(cfg.output_path)
+            (Path(cfg.output_path) / "runner_cfg.json").write_text(json.dumps(_jsonable(cfg.to_dict())))
+        if wandb is not None:
+            wandb.finish()
+        return itda
+
+    def to_itda(self) -> ITDA:
+        s = self.cfg.sae
+        itda = ITDA.from_atoms(self.builder.atoms.clone(), k=s.k, labels=list(self.builder.labels),
+                               pursuit=s.pursuit, nonneg=s.nonneg, loss_threshold=self.builder.threshold)
+        md = itda.cfg.metadata
+        cfg = self.cfg
+        md.model_name, md.hook_name, md.hook_head_index = cfg.model_name, cfg.hook_name, cfg.hook_head_index
+        md.model_class_name, md.dataset_path, md.context_size = cfg.model_class_name, cfg.dataset_path, cfg.context_size
+        md.prepend_bos, md.seqpos_slice = cfg.prepend_bos, cfg.seqpos_slice
+        md.model_from_pretrained_kwargs = cfg.model_from_pretrained_kwargs or {}
+        md.training_tokens = self.builder.tokens_seen
+        md.training_architecture = "itda"
+        md.construction = {**_jsonable(self.cfg.sae.settings().__dict__), "final_threshold": self.builder.threshold}
+        return itda
+
+    # --- checkpoints --------------------------------------------------------------------
+
+    def _next_checkpoint(self) -> int | None:
+        every = self.cfg.sae.checkpoint_every_tokens
+        if not every or self.cfg.checkpoint_path is None:
+            return None
+        return (self.builder.tokens_seen // every + 1) * every
+
+    def save_checkpoint(self) -> Path:
+        """Write the dictionary and the builder's position in the stream (atomically, file by file)."""
+        path = Path(self.cfg.checkpoint_path) / f"{self.builder.tokens_seen}"
+        self.to_itda().save_model(path)
+        tmp = path / (STATE_FILENAME + ".tmp")
+        tmp.write_text(json.dumps(self.builder.state()))
+        tmp.replace(path / STATE_FILENAME)
+        return path
+
+    def _load_checkpoint(self, path: Path) -> None:
+        state_file = path / STATE_FILENAME
+        if not state_file.is_file():
+            raise FileNotFoundError(f"{path} is not an ITDA construction checkpoint ({STATE_FILENAME} missing)")
+        itda = ITDA.load_from_disk(path)
+        self.builder.load_state(itda.W_dec.detach(), itda.labels, json.loads(state_file.read_text()))
+        self._skip_sequences(self.builder.seqs_seen)
+
+
+def _is_embedded_corpus(name: str) -> bool:
+    from sae_lens_itda.data import EMBEDDED_CORPORA
+
+    return name in EMBEDDED_CORPORA
+
+
+def _load_model(cfg: LanguageModelSAERunnerConfig):
+    from sae_lens_itda.models import EMBEDDED_MODELS, load_model
+
+    # SAELens defaults these kwargs for TransformerLens loading; embedded models take none.
+    kwargs = {} if cfg.model_name in EMBEDDED_MODELS else dict(cfg.model_from_pretrained_kwargs or {})
+    return load_model(cfg.model_name, device=cfg.llm_device or cfg.device, model_class_name=cfg.model_class_name, **kwargs)
+
+
+def _maybe_wandb(cfg: LanguageModelSAERunnerConfig):
+    if not cfg.sae.log_to_wandb:
+        return None
+    import wandb
+
+    wandb.init(project=cfg.logger.wandb_project, entity=cfg.logger.wandb_entity, name=cfg.logger.run_name,
+               id=cfg.logger.wandb_id, config=_jsonable(cfg.to_dict()))
+    return wandb
+
+
+def _jsonable(d: Any) -> Any:
+    return json.loads(json.dumps(d, default=str))
