@@ -64,6 +64,7 @@ class Builder:
     threshold: float = 0.0
     tokens_seen: int = 0
     seqs_seen: int = 0
+    appends: list[int] = field(default_factory=list)  # sizes of the groups added, in order
 
     def __post_init__(self):
         self.threshold = self.settings.loss_threshold
@@ -73,18 +74,17 @@ class Builder:
     def size(self) -> int:
         return self.atoms.shape[0]
 
-    def _set_atoms(self, atoms: torch.Tensor) -> None:
+    def _set_atoms(self, atoms: torch.Tensor, gram: torch.Tensor | None = None) -> None:
         # Atoms and their Gram matrix live in buffers that double when full, so adding a
         # group of atoms costs O(n·d) for the new Gram rows, not a copy of the whole matrix.
         n = atoms.shape[0]
         cap = max(256, 2 * n)
-        self._abuf = torch.zeros(cap, self.d_in)
-        self._abuf[:n] = atoms.float()
-        self._gbuf = torch.zeros(cap, cap)
-        self._gbuf[:n, :n] = pursuit.gram_matrix(atoms)
-        self._n = n
-        self.atoms = self._abuf[:n]
-        self._gram = self._gbuf[:n, :n]
+        abuf, gbuf = torch.zeros(cap, self.d_in), torch.zeros(cap, cap)
+        abuf[:n] = atoms.float()
+        gbuf[:n, :n] = pursuit.gram_matrix(atoms) if gram is None else gram
+        self._abuf, self._gbuf, self._n = abuf, gbuf, n
+        self.atoms = abuf[:n]
+        self._gram = gbuf[:n, :n]
 
     def capacity(self) -> int | None:
         caps = [c for c in (self.settings.max_dict_size, self.settings.target_dict_size) if c]
@@ -192,10 +192,14 @@ class Builder:
     def _append(self, new: torch.Tensor, labels: list[AtomLabel | None]) -> None:
         if len(new) == 0:
             return
-        new = new / new.norm(dim=1, keepdim=True)
+        self._append_unit(new / new.norm(dim=1, keepdim=True))
+        self.labels.extend(labels)
+        self.appends.append(len(new))
+
+    def _append_unit(self, new: torch.Tensor) -> None:
         n_old, n = self._n, self._n + len(new)
         if n > self._abuf.shape[0]:
-            self._set_atoms(self.atoms)  # doubles the buffers
+            self._set_atoms(self.atoms, gram=self._gram)  # double the buffers, keep G's bits
         self._abuf[n_old:n] = new
         rows = new @ self._abuf[:n].T
         self._gbuf[n_old:n, :n] = rows
@@ -203,16 +207,26 @@ class Builder:
         self._n = n
         self.atoms = self._abuf[:n]
         self._gram = self._gbuf[:n, :n]
-        self.labels.extend(labels)
 
     # --- checkpointing ------------------------------------------------------------------
 
     def state(self) -> dict:
-        return {"threshold": self.threshold, "tokens_seen": self.tokens_seen, "seqs_seen": self.seqs_seen}
+        return {"threshold": self.threshold, "tokens_seen": self.tokens_seen, "seqs_seen": self.seqs_seen,
+                "appends": self.appends}
 
     def load_state(self, atoms: torch.Tensor, labels: list[AtomLabel | None], state: dict) -> None:
-        self._set_atoms(atoms.float().cpu())
+        """Restore a checkpoint. The Gram matrix is rebuilt group by group as it was grown, so
+        its rounding, and with it every later decision, matches an uninterrupted run."""
+        atoms = atoms.float().cpu()
+        if sum(state["appends"]) != len(atoms):
+            raise ValueError("Checkpoint state does not match its atoms")
+        self._set_atoms(torch.zeros(0, self.d_in))
+        start = 0
+        for size in state["appends"]:
+            self._append_unit(atoms[start : start + size])
+            start += size
         self.labels = list(labels)
+        self.appends = list(state["appends"])
         self.threshold = state["threshold"]
         self.tokens_seen = state["tokens_seen"]
         self.seqs_seen = state["seqs_seen"]

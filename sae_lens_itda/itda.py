@@ -102,9 +102,13 @@ class ITDA(SAE[ITDAConfig]):
         atoms: torch.Tensor,
         k: int,
         labels: list[AtomLabel | None] | None = None,
+        normalize: bool = True,
         **config: Any,
     ) -> ITDA:
-        """An ITDA whose atoms are the rows of ``atoms`` (normalised to unit norm)."""
+        """An ITDA whose atoms are the rows of ``atoms``, normalised to unit norm.
+
+        ``normalize=False`` keeps already-unit rows bit for bit (checkpoints rely on it).
+        """
         if atoms.ndim != 2:
             raise ValueError(f"atoms must be [n_atoms, d_in], got shape {tuple(atoms.shape)}")
         atoms = atoms.detach().float()
@@ -116,8 +120,10 @@ class ITDA(SAE[ITDAConfig]):
             raise ValueError(f"Got {len(labels)} labels for {atoms.shape[0]} atoms")
         cfg = ITDAConfig(d_in=atoms.shape[1], d_sae=atoms.shape[0], k=k, **config)
         itda = cls(cfg)
+        if not normalize and not torch.allclose(norms, torch.ones_like(norms), atol=1e-4):
+            raise ValueError("normalize=False needs unit-norm atoms")
         with torch.no_grad():
-            itda.W_dec.copy_((atoms / norms).to(itda.dtype))
+            itda.W_dec.copy_((atoms / norms if normalize else atoms).to(itda.dtype))
         if labels is not None:
             itda.labels = list(labels)
         return itda

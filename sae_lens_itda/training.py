@@ -133,7 +133,10 @@ class ITDATrainingRunner:
             dataset = dataset.shuffle(seed=cfg.seed).flatten_indices()
         # The store narrows the dataset's format to input_ids; labels read the other columns.
         self.dataset = dataset.with_format(None) if hasattr(dataset, "with_format") else dataset
-        self.store = ActivationsStore.from_config(self.model, cfg, override_dataset=dataset)  # type: ignore[arg-type]
+        if cfg.use_cached_activations:
+            self.store, self.cached = None, _load_cached(cfg)
+        else:
+            self.store = ActivationsStore.from_config(self.model, cfg, override_dataset=dataset)
         tokenizer = getattr(self.model, "tokenizer", None)
         self.tokenizer = tokenizer
         special = [] if tokenizer is None else sorted({i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id,
@@ -146,7 +149,7 @@ class ITDATrainingRunner:
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         t0 = time.perf_counter()
         if self.cfg.use_cached_activations:
-            ds = self.store.cached_activation_dataset
+            ds = self.cached
             n = self.cfg.store_batch_size_prompts
             start = self.builder.seqs_seen % len(ds)
             rows = ds[start : start + n]
@@ -234,7 +237,7 @@ class ITDATrainingRunner:
 
     def to_itda(self) -> ITDA:
         s = self.cfg.sae
-        itda = ITDA.from_atoms(self.builder.atoms.clone(), k=s.k, labels=list(self.builder.labels),
+        itda = ITDA.from_atoms(self.builder.atoms.clone(), k=s.k, labels=list(self.builder.labels), normalize=False,
                                pursuit=s.pursuit, nonneg=s.nonneg, loss_threshold=self.builder.threshold)
         md = itda.cfg.metadata
         cfg = self.cfg
@@ -271,6 +274,23 @@ class ITDATrainingRunner:
         itda = ITDA.load_from_disk(path)
         self.builder.load_state(itda.W_dec.detach(), itda.labels, json.loads(state_file.read_text()))
         self._skip_sequences(self.builder.seqs_seen)
+
+
+def _load_cached(cfg: LanguageModelSAERunnerConfig):
+    """Activations written by SAELens's ``CacheActivationsRunner`` (rows of [context, d_in])."""
+    import datasets
+
+    path = cfg.cached_activations_path
+    if path is None or not Path(path).exists():
+        raise FileNotFoundError(f"No cached activations at {path!r}")
+    ds = datasets.load_from_disk(path)
+    if cfg.hook_name not in ds.column_names:
+        raise ValueError(f"Cached activations at {path} have no column {cfg.hook_name!r} (found {ds.column_names})")
+    shape = tuple(ds.features[cfg.hook_name].shape)
+    if shape != (cfg.context_size, cfg.sae.d_in):
+        raise ValueError(f"Cached activations have shape {shape}, expected ({cfg.context_size}, {cfg.sae.d_in})")
+    ds.set_format("torch", columns=[c for c in (cfg.hook_name, "token_ids") if c in ds.column_names])
+    return ds
 
 
 def _is_embedded_corpus(name: str) -> bool:
