@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("path")
     ev.add_argument("--eval-tokens", type=int, default=20_000)
     ev.set_defaults(fn=evaluate_cmd)
+    from sae_lens_itda.hub import add_publish_arguments
+
+    add_publish_arguments(sub.add_parser("publish", help="publish saved ITDA dictionaries on the Hugging Face Hub"))
     args = p.parse_args(argv)
     try:
         args.fn(args)

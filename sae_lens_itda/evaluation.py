@@ -49,6 +49,9 @@ def evaluate(
     ce_batch_prompts: int = 8,
 ) -> dict[str, Any]:
     """Reconstruction on held-out activations (with and without sinks) plus CE-loss/KL scores."""
+    from sae_lens_itda.pretrained import check_compatible
+
+    check_compatible(sae, model)
     hook = sae.cfg.metadata.hook_name
     acts = cached_activations(model.cfg.model_name, hook, split=split, n_tokens=n_tokens,
                               context_size=context_size, corpus=corpus, exclude_sinks=False, model=model)

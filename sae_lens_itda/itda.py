@@ -211,6 +211,12 @@ class ITDA(SAE[ITDAConfig]):
         _check_finite(x, "activations")
         return self.process_sae_in(x)
 
+    def push_to_hub(self, repo_id: str, **kwargs: Any):
+        """Publish on the Hugging Face Hub; see :func:`sae_lens_itda.hub.push_to_hub`."""
+        from sae_lens_itda.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
     # --- folding (atoms must stay unit norm) ---------------------------------------------
 
     @override

@@ -12,3 +12,7 @@ def register() -> None:
         register_sae_class("itda", ITDA, ITDAConfig)
     if "itda" not in SAE_TRAINING_CLASS_REGISTRY:
         register_sae_training_class("itda", ITDATrainingSAE, ITDATrainingSAEConfig)
+
+    from sae_lens_itda.pretrained import register_pretrained
+
+    register_pretrained()

@@ -244,7 +244,8 @@ class ITDATrainingRunner:
         md.model_name, md.hook_name, md.hook_head_index = cfg.model_name, cfg.hook_name, cfg.hook_head_index
         md.model_class_name, md.dataset_path, md.context_size = cfg.model_class_name, cfg.dataset_path, cfg.context_size
         md.prepend_bos, md.seqpos_slice = cfg.prepend_bos, cfg.seqpos_slice
-        md.model_from_pretrained_kwargs = cfg.model_from_pretrained_kwargs or {}
+        # SAELens fills TransformerLens loading kwargs in by default; embedded models take none.
+        md.model_from_pretrained_kwargs = {} if _is_embedded_model(cfg.model_name) else (cfg.model_from_pretrained_kwargs or {})
         md.training_tokens = self.builder.tokens_seen
         md.training_architecture = "itda"
         md.construction = {**_jsonable(self.cfg.sae.settings().__dict__), "final_threshold": self.builder.threshold}
@@ -293,6 +294,12 @@ def _load_cached(cfg: LanguageModelSAERunnerConfig):
     return ds
 
 
+def _is_embedded_model(name: str) -> bool:
+    from sae_lens_itda.models import EMBEDDED_MODELS
+
+    return name in EMBEDDED_MODELS
+
+
 def _is_embedded_corpus(name: str) -> bool:
     from sae_lens_itda.data import EMBEDDED_CORPORA
 
@@ -300,10 +307,10 @@ def _is_embedded_corpus(name: str) -> bool:
 
 
 def _load_model(cfg: LanguageModelSAERunnerConfig):
-    from sae_lens_itda.models import EMBEDDED_MODELS, load_model
+    from sae_lens_itda.models import load_model
 
     # SAELens defaults these kwargs for TransformerLens loading; embedded models take none.
-    kwargs = {} if cfg.model_name in EMBEDDED_MODELS else dict(cfg.model_from_pretrained_kwargs or {})
+    kwargs = {} if _is_embedded_model(cfg.model_name) else dict(cfg.model_from_pretrained_kwargs or {})
     return load_model(cfg.model_name, device=cfg.llm_device or cfg.device, model_class_name=cfg.model_class_name, **kwargs)
 
 

@@ -132,3 +132,16 @@ def test_grow_gram_equals_full_recompute():
     atoms = _atoms(50, 8)
     grown = pursuit.grow_gram(gram_matrix(atoms[:30]), atoms, 30)
     torch.testing.assert_close(grown, gram_matrix(atoms))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_path_matches_cpu(dtype):
+    atoms, x = _atoms(500, 64), torch.randn(300, 64)
+    i_cpu, v_cpu = encode_sparse(x, atoms, 10, gram=gram_matrix(atoms))
+    i_gpu, v_gpu = encode_sparse(x.cuda().to(dtype), atoms.cuda(), 10, gram=gram_matrix(atoms.cuda()))
+    if dtype == torch.float32:
+        assert torch.equal(i_gpu.cpu(), i_cpu)
+    rec_cpu = to_dense(i_cpu, v_cpu, 500) @ atoms
+    rec_gpu = (to_dense(i_gpu, v_gpu, 500) @ atoms.cuda()).cpu()
+    assert ((rec_cpu - rec_gpu).norm(dim=1) / x.norm(dim=1)).median() < (1e-4 if dtype == torch.float32 else 2e-2)

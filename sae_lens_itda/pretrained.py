@@ -1,0 +1,316 @@
+"""Pretrained ITDA releases: SAELens's ``SAE.from_pretrained(release, sae_id)`` for ITDA.
+
+SAELens looks releases up in ``get_pretrained_saes_directory()``, a ``functools.cache``'d
+function that parses its large ``pretrained_saes.yaml`` once and returns ONE dict for the whole
+process. :func:`register_pretrained` reads this project's registry
+(``pretrained/pretrained_itdas.yaml``, same shape as SAELens's) and adds its releases to that
+dict: at once if SAELens has already built it, else when it is first built (SAELens modules'
+references to the function are pointed at a thin wrapper that merges, so importing this
+package does not pay for parsing SAELens's registry). It also registers the ``"itda"`` loader
+in SAELens's ``NAMED_PRETRAINED_SAE_LOADERS``. Then, after ``import sae_lens_itda``::
+
+    sae = SAE.from_pretrained("smollm2-135m-res-itda", "blocks.15.hook_resid_post")
+
+A release whose ``repo_id`` starts with ``./`` (or is an absolute path) is a folder on disk,
+relative to the registry file: the dictionaries stored in this repository load offline. Any
+other ``repo_id`` is a Hugging Face Hub repository, downloaded through the Hub cache.
+
+The wrapper re-merges after ``get_pretrained_saes_directory.cache_clear()``. Code that
+imported the function itself (``from ... import get_pretrained_saes_directory``) before this
+package was registered holds the unwrapped one, and sees the ITDA releases only once something
+(e.g. ``SAE.from_pretrained``) has gone through the wrapper.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
+from sae_lens.loading.pretrained_sae_loaders import (
+    NAMED_PRETRAINED_SAE_CONFIG_GETTERS,
+    NAMED_PRETRAINED_SAE_LOADERS,
+    get_sae_lens_config_from_disk,
+    read_sae_components_from_disk,
+)
+from sae_lens.loading.pretrained_saes_directory import PretrainedSAELookup, get_pretrained_saes_directory
+
+CONVERSION_FUNC = "itda"
+REGISTRY_FILENAME = "pretrained_itdas.yaml"
+
+
+def pretrained_dir() -> Path:
+    """The folder of the registry and the stored dictionaries.
+
+    ``$SAE_LENS_ITDA_PRETRAINED`` if set, else ``pretrained/`` beside the package (a source
+    checkout or editable install; a plain wheel does not carry it).
+    """
+    env = os.environ.get("SAE_LENS_ITDA_PRETRAINED")
+    return Path(env).expanduser() if env else Path(__file__).resolve().parent.parent / "pretrained"
+
+
+# --- the registry ---------------------------------------------------------------------------
+
+
+def read_registry(path: str | Path) -> dict[str, PretrainedSAELookup]:
+    """Parse a registry YAML into SAELens's lookup records; local ``repo_id``s become absolute."""
+    path = Path(path)
+    data = yaml.safe_load(path.read_text()) or {}
+    out = {}
+    for release, value in data.items():
+        if "saes" not in value or "repo_id" not in value or "model" not in value:
+            raise ValueError(f"{path}: release {release!r} needs repo_id, model and saes")
+        repo_id = str(value["repo_id"])
+        if _is_local(repo_id):
+            repo_id = str((path.parent / repo_id).resolve())
+        saes = value["saes"]
+        out[release] = PretrainedSAELookup(
+            release=release,
+            repo_id=repo_id,
+            model=value["model"],
+            conversion_func=value.get("conversion_func", CONVERSION_FUNC),
+            saes_map={s["id"]: str(s["path"]) for s in saes},
+            expected_var_explained={s["id"]: s.get("variance_explained", 1.0) for s in saes},
+            expected_l0={s["id"]: s.get("l0", 0.0) for s in saes},
+            neuronpedia_id={s["id"]: s.get("neuronpedia") for s in saes},
+            norm_scaling_factor={},
+            config_overrides=value.get("config_overrides"),
+        )
+    return out
+
+
+_REGISTRIES: list[Path] = []  # registry files to merge, in registration order
+_merged: dict[str, Any] = {"directory": None, "paths": set(), "added": {}}  # what the current dict holds
+
+
+def register_pretrained(registry: str | Path | None = None) -> list[str]:
+    """Add the releases of ``registry`` (default: this project's) to SAELens's directory.
+
+    Also registers the ``"itda"`` loader. Safe to call again (a changed file is re-read). A
+    missing default registry (package installed without ``pretrained/``) registers nothing. A
+    release name SAELens already uses for a non-ITDA release is skipped with a warning rather
+    than shadowed. SAELens parses its own large registry only when first asked; until then the
+    merge waits, so importing this package stays cheap. Returns the releases added (all of the
+    file's, if the merge is still waiting).
+    """
+    NAMED_PRETRAINED_SAE_LOADERS.setdefault(CONVERSION_FUNC, itda_huggingface_loader)
+    NAMED_PRETRAINED_SAE_CONFIG_GETTERS.setdefault(CONVERSION_FUNC, get_itda_config)
+    path = Path(registry) if registry is not None else pretrained_dir() / REGISTRY_FILENAME
+    if not path.is_file():
+        if registry is not None:
+            raise FileNotFoundError(f"No ITDA registry at {path}")
+        return []
+    path = path.resolve()
+    releases = list(read_registry(path))  # parse now, so a broken file fails here
+    if path not in _REGISTRIES:
+        _REGISTRIES.append(path)
+    _merged["paths"].discard(path)
+    _install_directory_hook()
+    if _original_directory().cache_info().currsize:  # SAELens's directory is loaded: merge now
+        _directory_with_itda()
+        return _merged["added"][path]
+    return releases
+
+
+def unregister_pretrained(registry: str | Path) -> None:
+    """Undo :func:`register_pretrained` for ``registry``: its releases leave SAELens's directory."""
+    path = Path(registry).resolve()
+    if path in _REGISTRIES:
+        _REGISTRIES.remove(path)
+    _merged["paths"].discard(path)
+    if _original_directory().cache_info().currsize and path.is_file():
+        directory = _original_directory()()
+        for release, lookup in read_registry(path).items():
+            if release in directory and directory[release].conversion_func == lookup.conversion_func:
+                del directory[release]
+
+
+def _original_directory():
+    return getattr(_directory_with_itda, "__wrapped__", get_pretrained_saes_directory)
+
+
+def _directory_with_itda() -> dict[str, PretrainedSAELookup]:
+    """SAELens's cached directory, with the registered ITDA releases merged in (once per dict)."""
+    directory = _original_directory()()
+    if _merged["directory"] is not directory:  # first call, or after cache_clear()
+        _merged.update(directory=directory, paths=set())
+    for path in _REGISTRIES:
+        if path not in _merged["paths"]:
+            _merge(directory, path)
+    return directory
+
+
+def _merge(directory: dict[str, PretrainedSAELookup], path: Path) -> None:
+    _merged["paths"].add(path)
+    added = _merged["added"][path] = []
+    for release, lookup in read_registry(path).items():
+        old = directory.get(release)
+        if old is not None and old.conversion_func != lookup.conversion_func:
+            warnings.warn(f"Release {release!r} already exists in SAELens; not replacing it with {path}'s", stacklevel=3)
+            continue
+        directory[release] = lookup
+        added.append(release)
+
+
+def _install_directory_hook() -> None:
+    """Point every loaded SAELens module's ``get_pretrained_saes_directory`` at the wrapper.
+
+    SAELens modules import the function by name, so each holds its own reference; modules
+    imported later take it from ``pretrained_saes_directory``, which is patched too.
+    """
+    import sys
+
+    from sae_lens.loading import pretrained_saes_directory as home
+
+    original = home.get_pretrained_saes_directory
+    if original is _directory_with_itda:
+        return
+    _directory_with_itda.__wrapped__ = original
+    _directory_with_itda.cache_clear = original.cache_clear
+    _directory_with_itda.cache_info = original.cache_info
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] == "sae_lens" and getattr(module, "get_pretrained_saes_directory", None) is original:
+            module.get_pretrained_saes_directory = _directory_with_itda
+
+
+def list_pretrained() -> dict[str, list[str]]:
+    """The registered ITDA releases and their SAE ids."""
+    return {
+        name: list(lookup.saes_map)
+        for name, lookup in _directory_with_itda().items()
+        if lookup.conversion_func == CONVERSION_FUNC
+    }
+
+
+def load_pretrained(release: str, sae_id: str, device: str = "cpu", dtype: str = "float32"):
+    """``SAE.from_pretrained`` for a registered ITDA release, with errors that list what exists."""
+    from sae_lens_itda.itda import ITDA
+
+    available = list_pretrained()
+    if release not in available:
+        listing = "\n".join(f"  {r}: {', '.join(ids)}" for r, ids in available.items()) or "  (none registered)"
+        raise ValueError(f"Unknown ITDA release {release!r}. Available releases and SAE ids:\n{listing}")
+    if sae_id not in available[release]:
+        raise ValueError(f"Unknown SAE id {sae_id!r} in release {release!r}; available: {', '.join(available[release])}")
+    return ITDA.from_pretrained(release, sae_id, device=device, dtype=dtype)
+
+
+# --- the "itda" loader (SAELens's PretrainedSaeHuggingfaceLoader signature) ---------------
+
+
+def _is_local(repo_id: str) -> bool:
+    return repo_id.startswith(("./", "../", "/", "~"))
+
+
+def check_itda_cfg(cfg: dict[str, Any], where: str) -> None:
+    """Raise a clear error unless ``cfg`` (a parsed ``cfg.json``) describes an ITDA."""
+    arch = cfg.get("architecture")
+    if arch != "itda":
+        raise ValueError(
+            f"{where} is not an ITDA dictionary: its {SAE_CFG_FILENAME} has architecture {arch!r}. "
+            "Load it with SAELens's SAE.from_pretrained (without the ITDA release) instead."
+        )
+
+
+def _files(repo_id: str, folder_name: str, force_download: bool) -> tuple[Path, Path]:
+    """``cfg.json`` and weights of one dictionary, from disk or through the Hub cache.
+
+    The config comes first and is checked, so a non-ITDA folder fails before its weights download.
+    """
+    if _is_local(repo_id):
+        folder = Path(repo_id).expanduser() / folder_name
+        cfg_path, weights = folder / SAE_CFG_FILENAME, folder / SAE_WEIGHTS_FILENAME
+        for p in (cfg_path, weights):
+            if not p.is_file():
+                raise FileNotFoundError(f"Pretrained ITDA file {p} is missing")
+        check_itda_cfg(json.loads(cfg_path.read_text()), str(folder))
+        return cfg_path, weights
+    from huggingface_hub import hf_hub_download
+
+    cfg_path = Path(hf_hub_download(repo_id, f"{folder_name}/{SAE_CFG_FILENAME}", force_download=force_download))
+    check_itda_cfg(json.loads(cfg_path.read_text()), f"{repo_id}/{folder_name}")
+    weights = hf_hub_download(repo_id, f"{folder_name}/{SAE_WEIGHTS_FILENAME}", force_download=force_download)
+    return cfg_path, Path(weights)
+
+
+def get_itda_config(
+    repo_id: str,
+    folder_name: str,
+    device: str | None = None,
+    force_download: bool = False,
+    cfg_overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The config dict of one registered ITDA (SAELens's config-getter signature)."""
+    cfg_path, _ = _files(repo_id, folder_name, force_download)
+    return get_sae_lens_config_from_disk(cfg_path.parent, device, cfg_overrides)
+
+
+def itda_huggingface_loader(
+    repo_id: str,
+    folder_name: str,
+    device: str = "cpu",
+    force_download: bool = False,
+    cfg_overrides: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], None]:
+    """Config and state dict of one ITDA from a local folder or a Hub repository.
+
+    Tensors are converted to the config's dtype (``from_pretrained`` sets it, float32 by
+    default), so dictionaries stored in float16 load as float32.
+    """
+    cfg_path, weights = _files(repo_id, folder_name, force_download)
+    cfg = get_sae_lens_config_from_disk(cfg_path.parent, device, cfg_overrides)
+    cfg, state_dict = read_sae_components_from_disk(cfg, weights, device=device)
+    return cfg, state_dict, None
+
+
+# --- using a dictionary with a model ------------------------------------------------------
+
+
+def check_compatible(itda, model, hook_name: str | None = None) -> None:
+    """Raise ``ValueError`` if ``itda`` was not built on ``model`` at ``hook_name``.
+
+    Compares the dictionary's ``cfg.metadata.model_name`` with ``model.cfg.model_name``
+    (equal, or equal after the Hub namespace: ``google/gemma-3-270m`` ~ ``gemma-3-270m``), its
+    ``metadata.hook_name`` with ``hook_name`` (default: the dictionary's own hook, which must
+    exist in the model), and ``cfg.d_in`` with the width of that hook's activations. Metadata
+    the dictionary lacks is not checked.
+    """
+    md = itda.cfg.metadata
+    ours, theirs = md.model_name, getattr(model.cfg, "model_name", None)
+    if ours and theirs and ours != theirs and ours.split("/")[-1] != theirs.split("/")[-1]:
+        raise ValueError(f"This ITDA was built on model {ours!r}, but the model given is {theirs!r}")
+    hook = hook_name or md.hook_name
+    if hook_name and md.hook_name and hook_name != md.hook_name:
+        raise ValueError(f"This ITDA was built at hook {md.hook_name!r}, not {hook_name!r}")
+    if hook is None:
+        return
+    hook_dict = getattr(model, "hook_dict", None)
+    if hook_dict is not None and hook not in hook_dict:
+        raise ValueError(f"Model {theirs!r} has no hook {hook!r}")
+    width = _hook_width(model, hook, md.hook_head_index)
+    if width is not None and width != itda.cfg.d_in:
+        raise ValueError(f"Hook {hook!r} of model {theirs!r} has width {width}, but this ITDA has d_in={itda.cfg.d_in}")
+
+
+@torch.no_grad()
+def _hook_width(model, hook: str, head_index: int | None) -> int | None:
+    """Width of ``hook``'s activations: the model's ``d_model`` for the residual stream, else
+    measured with a two-token forward pass stopped after the hook's layer."""
+    if "resid" in hook or hook in ("hook_embed", "hook_pos_embed"):
+        return model.cfg.d_model
+    if not hasattr(model, "run_with_cache"):
+        return None
+    from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name
+
+    _, cache = model.run_with_cache(
+        torch.zeros(1, 2, dtype=torch.long), names_filter=hook, stop_at_layer=extract_stop_at_layer_from_tlens_hook_name(hook)
+    )
+    act = cache[hook][0, 0]
+    if head_index is not None:
+        act = act[head_index]
+    return act.numel()
