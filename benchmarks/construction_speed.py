@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from encode_throughput import dense_mp  # the same paper-style MP loop as the encode benchmark
+
 from sae_lens_itda.activations import cached_activations
 from sae_lens_itda.construction import Builder, ConstructionSettings
 from sae_lens_itda.evaluation import reconstruction_metrics
@@ -32,15 +34,7 @@ def paper_build(stream: torch.Tensor, k: int, tau: float, batch: int) -> torch.T
     D = stream[:1] / stream[:1].norm()
     for s in range(0, len(stream), batch):
         x = stream[s : s + batch]
-        codes = torch.zeros(len(x), len(D))
-        r = x.clone()
-        for _ in range(k):
-            c = r @ D.T
-            j = c.abs().argmax(dim=1, keepdim=True)
-            v = c.gather(1, j)
-            codes.scatter_add_(1, j, v)
-            r -= v * D[j.squeeze(1)]
-        recon = codes @ D
+        recon = dense_mp(x, D, k) @ D
         err = ((x / x.norm(dim=1, keepdim=True) - recon / recon.norm(dim=1, keepdim=True).clamp_min(1e-12)) ** 2).sum(1) / d
         for i in (err > tau).nonzero().squeeze(1).tolist():
             D = torch.cat([D, x[i : i + 1] / x[i].norm()])

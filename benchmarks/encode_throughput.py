@@ -100,7 +100,7 @@ def peak_memory_mb(name: str, n_atoms: int, batch: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192, 16384, 65536])
+    p.add_argument("--sizes", type=int, nargs="*", default=[4096, 8192, 16384, 65536])
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--methods", nargs="+", default=["omp", "mp", "omp-direct", "dense-mp", "topk-sae"])
@@ -113,7 +113,7 @@ def main() -> None:
         res = {m: time_method(m, atoms, x, args.repeats) for m in args.methods}
         rows.append({"atoms": n, **res})
         print(f"{n:>6} atoms: " + "  ".join(f"{m} {v:,.0f} tok/s" for m, v in res.items()), flush=True)
-    cols = args.methods
+    cols = args.methods if rows else []
     print(f"\nd_in={D_IN}, k={K}, batch={args.batch}, CPU float32, torch threads={torch.get_num_threads()}\n")
     print("| atoms | " + " | ".join(f"{c} tok/s" for c in cols) + " | OMP/MP | MP/dense-mp | OMP/TopK | OMP/dense-mp |")
     print("|---" * (len(cols) + 5) + "|")

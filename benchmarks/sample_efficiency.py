@@ -18,16 +18,26 @@ Usage::
     python benchmarks/sample_efficiency.py --data acts.safetensors --k 32 --d-sae 4096 \
         --tokens 10000,30000,100000 --out outputs/sample_eff_smollm
 
-``--data`` is a safetensors file with float tensors ``train`` [N, d] and ``test`` [M, d].
+    python benchmarks/sample_efficiency.py --model smollm2-135m --hook blocks.15.hook_resid_post \
+        --train-tokens 72000 --test-tokens 8192 --k 32 --d-sae 1024 --epochs 4 --batch-size 512 \
+        --pam-lrs 3e-3 --adam-lrs 3e-3 --itda --tokens 2048,8192,32768 --threads 1
 
-ITDA hook: pass ``--itda`` (or ``extra_methods`` to :func:`run_benchmark`) once an ITDA
-builder exists; see :func:`fit_itda` below, the one place to fill in.
+``--data`` is a safetensors file with float tensors ``train`` [N, d] and ``test`` [M, d];
+``--model``/``--hook`` read both splits through
+:func:`sae_lens_itda.activations.cached_activations` (sinks excluded; a cache miss runs
+the model).
+
+``--itda`` adds ITDA (:func:`fit_itda`): a greedy dictionary of about ``d_sae`` training
+activations built by :class:`sae_lens_itda.construction.Builder`, encoded by OMP at L0 = k.
+ITDA is tied (its encoder is pursuit over its own decoder atoms) and has no learning rate
+or epochs: one pass over the N tokens. The SAEs are untied.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import math
 import sys
 import time
@@ -66,31 +76,78 @@ class Row:
 
 
 # ---------------------------------------------------------------------------------------
-# HOOK(ITDA): fill this in once an ITDA builder exists.
+# ITDA: greedy dictionary of (normalised) training activations, tied encoder/decoder.
 # ---------------------------------------------------------------------------------------
-def fit_itda(train: torch.Tensor, k: int) -> Reconstruct:
-    """Build an ITDA dictionary on ``train`` and return its ``Reconstruct`` function.
+def fit_itda(
+    train: torch.Tensor,
+    k: int,
+    d_sae: int | None = None,
+    *,
+    loss_threshold: float = 4e-4,
+    batch_size: int | None = None,
+    pursuit: str = "omp",
+) -> Reconstruct:
+    """Build an ITDA dictionary on ``train`` with :class:`sae_lens_itda.construction.Builder`.
 
-    The ITDA class is ``sae_lens_itda.itda.ITDA`` (``ITDA.from_atoms(atoms, k=...)``,
-    ``encode``, ``decode``); the greedy dictionary construction is expected in
-    ``sae_lens_itda.construction``, which does not exist yet. When it does, replace the
-    body with something like::
+    With ``d_sae`` the builder paces its loss threshold so the dictionary ends with about
+    ``d_sae`` atoms (``target_dict_size = max_dict_size = d_sae``, capped by the number of
+    training tokens); without it, ``loss_threshold`` alone decides the size. Tokens are fed
+    in ``batch_size`` rows at a time (default ``clamp(n // 32, 128, 4096)``: the pacing
+    needs many batches; with one batch its threshold is set against a one-atom dictionary
+    and the dictionary ends far below target). Every training
+    token is eligible (no position-0 or sink exclusion: the benchmark's inputs are flat
+    activation matrices, already stripped of sinks when loaded with ``--model``).
 
-        from sae_lens_itda.construction import build_itda   # name to be confirmed
-        itda = build_itda(train, k=k)
-        def recon(x):
-            codes = itda.encode(x)
-            return itda.decode(codes), (codes != 0).sum(-1)   # adapt to ITDA's code format
-        return recon
+    ITDA is *tied*: its atoms are training activations scaled to unit norm, and encoding is
+    matching pursuit (OMP, L0 <= ``k``) over those same atoms; there is no learned encoder,
+    bias or decoder. Returns ``chunk -> (x_hat, per-token L0)``.
     """
-    try:
-        import sae_lens_itda.construction  # noqa: F401
-    except ImportError as e:
-        raise NotImplementedError(
-            "ITDA hook: sae_lens_itda.construction is not available yet; fill in fit_itda() "
-            "in benchmarks/sample_efficiency.py"
-        ) from e
-    raise NotImplementedError("ITDA hook: wire sae_lens_itda.construction into fit_itda()")
+    from sae_lens_itda.construction import Builder, ConstructionSettings
+    from sae_lens_itda.itda import ITDA
+
+    check_acts(train, name="train")
+    x = train.detach().float().cpu()
+    n, d = x.shape
+    size = None if d_sae is None else min(d_sae, n)
+    settings = ConstructionSettings(
+        k=k, loss_threshold=loss_threshold, max_dict_size=size, target_dict_size=size,
+        pursuit=pursuit, exclude_first_position=False, sink_factor=float("inf"),
+    )
+    # Seed with the first training token: on an empty dictionary every token has the same
+    # error (1/d), so the paced threshold (the quota-th largest error) admits none of them.
+    first = x[:1][x[:1].norm(dim=1) > 0]
+    builder = Builder(d, settings, atoms=first / first.norm(dim=1, keepdim=True) if len(first) else None)
+    if batch_size is None:
+        batch_size = min(4096, max(128, n // 32))
+    n_batches = math.ceil(n / batch_size)
+    for i in range(n_batches):
+        builder.add_batch(x[i * batch_size:(i + 1) * batch_size][None], None, lambda s, p: None,
+                          batches_left=n_batches - i)
+    if builder.size == 0:
+        raise RuntimeError("ITDA construction added no atoms")
+    itda = ITDA.from_atoms(builder.atoms.clone(), k=k, pursuit=pursuit)
+
+    def recon(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx, val = itda.encode_sparse(chunk.float().cpu())
+        x_hat = itda.decode_sparse(idx, val).to(chunk.device, chunk.dtype)
+        return x_hat, (val != 0).sum(-1)
+
+    recon.n_atoms = builder.size  # type: ignore[attr-defined]
+    return recon
+
+
+def load_model_acts(
+    model: str, hook: str, train_tokens: int, test_tokens: int = 8192
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train/test activations from :func:`sae_lens_itda.activations.cached_activations`
+    (attention sinks excluded). A cache miss runs the model, which can take many minutes."""
+    from sae_lens_itda.activations import cached_activations
+
+    train = cached_activations(model, hook, split="train", n_tokens=train_tokens).acts.float()
+    test = cached_activations(model, hook, split="test", n_tokens=test_tokens).acts.float()
+    check_acts(train, name="train")
+    check_acts(test, train.shape[1], name="test")
+    return train, test
 
 
 def load_acts(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,6 +186,7 @@ def run_benchmark(
     pam_overrides: dict | None = None,
     kmeans_clusters: int | None = None,
     kmeans_rank: int | None = None,
+    kmeans: bool = True,
     extra_methods: dict[str, MethodFactory] | None = None,
     seed: int = 0,
     device: str = "cpu",
@@ -173,7 +231,7 @@ def run_benchmark(
             res = evaluate_sae(sae, test)
             add(Row(n, "adam", lr, res["mse"], res["explained_variance"], res["l0"], time.perf_counter() - t0))
         n_clusters = min(kmeans_clusters or d_sae, n)
-        for name, assign in (("kmeans_pca", "centroid"), ("kmeans_pca_resid", "residual")):
+        for name, assign in (("kmeans_pca", "centroid"), ("kmeans_pca_resid", "residual")) if kmeans else ():
             t0 = time.perf_counter()
             model = KMeansPCAAutoencoder(n_clusters, rank, assign).fit(sub.to(device), seed=seed)
             res = model.metrics(test.to(device))
@@ -247,6 +305,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="safetensors file with 'train' and 'test' tensors")
     src.add_argument("--synthetic", action="store_true", help="planted sparse data (smoke test)")
+    src.add_argument("--model", help="model name for cached_activations (e.g. smollm2-135m); needs --hook")
+    p.add_argument("--hook", help="hook name with --model, e.g. blocks.15.hook_resid_post")
+    p.add_argument("--train-tokens", type=int, default=72_000, help="with --model: train split size")
+    p.add_argument("--test-tokens", type=int, default=8192, help="with --model: held-out split size")
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--d-sae", type=int, default=128)
     p.add_argument("--tokens", default="", help="comma-separated training-set sizes (default: N/64, N/16, N/4, N)")
@@ -256,7 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--adam-lrs", default="1e-3,3e-3,1e-2,3e-2")
     p.add_argument("--kmeans-clusters", type=int, default=None, help="default: d_sae")
     p.add_argument("--kmeans-rank", type=int, default=None, help="default: k - 1")
-    p.add_argument("--itda", action="store_true", help="also run ITDA via fit_itda() (hook)")
+    p.add_argument("--itda", action="store_true", help="also build ITDA (fit_itda, ~d_sae atoms)")
+    p.add_argument("--no-kmeans", action="store_true", help="skip the k-means/local-PCA baselines")
     p.add_argument("--out", default="outputs/sample_efficiency")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -266,9 +329,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.model and not args.hook:
+        p.error("--model needs --hook")
     if args.synthetic:
         train, test = synthetic_acts(k=args.k, seed=args.seed)
         title = "synthetic planted sparse data"
+    elif args.model:
+        train, test = load_model_acts(args.model, args.hook, args.train_tokens, args.test_tokens)
+        title = f"{args.model} {args.hook}, k={args.k}, d_sae={args.d_sae}"
     else:
         train, test = load_acts(args.data)
         title = Path(args.data).name
@@ -277,13 +345,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         n = train.shape[0]
         budgets = sorted({max(min(args.batch_size, n), n // 4**i) for i in range(4)})
-    extra = {"itda": fit_itda} if args.itda else None
+    extra = {"itda": functools.partial(fit_itda, d_sae=args.d_sae)} if args.itda else None
     print(f"train {tuple(train.shape)}  test {tuple(test.shape)}  k={args.k}  d_sae={args.d_sae}  "
           f"epochs={args.epochs}  budgets={budgets}")
     rows = run_benchmark(
         train, test, k=args.k, d_sae=args.d_sae, token_budgets=budgets, n_epochs=args.epochs,
         batch_size=args.batch_size, pam_lrs=_floats(args.pam_lrs), adam_lrs=_floats(args.adam_lrs),
-        kmeans_clusters=args.kmeans_clusters, kmeans_rank=args.kmeans_rank, extra_methods=extra,
+        kmeans_clusters=args.kmeans_clusters, kmeans_rank=args.kmeans_rank, kmeans=not args.no_kmeans, extra_methods=extra,
         seed=args.seed, device=args.device, progress=args.progress,
     )
     print("\nBest learning rate per (tokens, method), held-out metrics:")

@@ -26,6 +26,7 @@ from sae_lens_itda import pursuit
 from sae_lens_itda.labels import AtomLabel
 
 _GROUP = 32  # candidates re-tested together; smaller is closer to one-at-a-time, and slower
+_PACING_ROUNDS = 8  # extra passes per batch, at most, when pacing towards a target size
 
 
 @dataclass
@@ -92,8 +93,6 @@ class Builder:
 
     def errors(self, x: torch.Tensor) -> torch.Tensor:
         """The paper's normalised error of each row of ``x`` under the current dictionary."""
-        if self.size == 0:
-            return torch.full((x.shape[0],), 1.0 / self.d_in)
         idx, val = pursuit.encode_sparse(
             x, self.atoms, self.settings.k, self.settings.pursuit, self.settings.nonneg, gram=self._gram
         )
@@ -133,11 +132,33 @@ class Builder:
         added_before = self.size
         if self.size == 0 and self.settings.n_seed_atoms and tokens is not None:
             self._seed(x, tokens[ok], where, make_label)
+        if self.size == 0 and len(x) and self.capacity() != 0:
+            # Against an empty dictionary every error is 1/d, which says nothing (and would
+            # make a paced threshold admit nobody): start from the first eligible token.
+            self._append(x[:1], [make_label(int(where[0, 0]), int(where[0, 1]))])
         err = self.errors(x) if len(x) else torch.zeros(0)
-        if self.settings.target_dict_size:
-            self._pace_threshold(err, batches_left)
+        goal = None
+        if self.settings.target_dict_size and len(x):
+            goal = self.size + self._quota(batches_left)
+        self._grow(x, err, where, make_label, added_before, goal)
+        if goal is not None:
+            # Re-tests reject more candidates than the first pass predicts; a few rounds at
+            # a re-picked threshold keep the dictionary on pace for its target.
+            for _ in range(_PACING_ROUNDS):
+                if self.size >= goal:
+                    break
+                self._grow(x, self.errors(x), where, make_label, added_before, goal)
+        self.tokens_seen += B * ctx
+        self.seqs_seen += B
+        return BatchStats(B * ctx, len(x), self.size - added_before, float(err.mean()) if len(err) else math.nan, self.threshold)
+
+    def _grow(self, x, err, where, make_label, added_before: int, goal: int | None) -> None:
+        """Add the over-threshold rows of ``x`` in stream order, group by group (see module doc)."""
+        if goal is not None:  # pace: the threshold that admits just enough candidates
+            need = goal - self.size
+            self.threshold = 0.0 if need >= len(err) else float(err.sort(descending=True).values[need - 1]) * (1 - 1e-6)
         cand = (err > self.threshold).nonzero().squeeze(1)
-        cap = self.capacity()
+        cap = self.capacity() if goal is None else min(c for c in (self.capacity(), goal) if c is not None)
         for s in range(0, len(cand), _GROUP):
             if cap is not None and self.size >= cap:
                 break
@@ -148,9 +169,6 @@ class Builder:
             if cap is not None:
                 keep = keep[: cap - self.size]
             self._append(x[keep], [make_label(int(where[j, 0]), int(where[j, 1])) for j in keep.tolist()])
-        self.tokens_seen += B * ctx
-        self.seqs_seen += B
-        return BatchStats(B * ctx, len(x), self.size - added_before, float(err.mean()) if len(err) else math.nan, self.threshold)
 
     def _non_duplicates(self, x: torch.Tensor) -> list[int]:
         """Indices of ``x`` kept when each accepted row suppresses rows it alone reconstructs within τ."""
@@ -178,16 +196,10 @@ class Builder:
         keep = [rows[i] for i in self._non_duplicates(x[rows])]
         self._append(x[keep], [make_label(int(where[j, 0]), int(where[j, 1])) for j in keep])
 
-    def _pace_threshold(self, err: torch.Tensor, batches_left: int) -> None:
-        """With a target size, pick τ so this batch's candidates fill the remaining room evenly."""
+    def _quota(self, batches_left: int) -> int:
+        """Atoms this batch should add so the dictionary reaches its target evenly."""
         room = self.settings.target_dict_size - self.size
-        if room <= 0 or len(err) == 0:
-            return
-        quota = max(1, math.ceil(room / max(1, batches_left)))
-        if quota >= len(err):
-            self.threshold = 0.0
-        else:
-            self.threshold = float(err.sort(descending=True).values[quota - 1])
+        return max(0, math.ceil(room / max(1, batches_left)))
 
     def _append(self, new: torch.Tensor, labels: list[AtomLabel | None]) -> None:
         if len(new) == 0:

@@ -176,3 +176,11 @@ def test_smollm2_labels_decode_to_the_tokens_whose_activations_are_the_atoms(smo
         assert text[start:end].strip() == lab.token.strip()
         act = cache[cfg.hook_name][rows.index(lab.seq_index), lab.position]
         assert torch.nn.functional.cosine_similarity(itda.W_dec[i], act, dim=0) > 0.9999
+
+
+def test_target_size_fills_from_an_empty_dictionary_in_one_batch():
+    g = torch.Generator().manual_seed(2)
+    b = Builder(32, ConstructionSettings(k=4, loss_threshold=1.0, target_dict_size=60, max_dict_size=60,
+                                         exclude_first_position=False))
+    b.add_batch(torch.randn(1, 2000, 32, generator=g), None, lambda s, p: None, batches_left=1)
+    assert 45 <= b.size <= 60
