@@ -13,7 +13,7 @@ from sae_lens import SAE
 from sae_lens.saes.topk_sae import TopKSAE
 
 from sae_lens_itda.splinterp.kmeans_pca import KMeansPCAAutoencoder, kmeans
-from sae_lens_itda.splinterp.metrics import HistoryPoint
+from sae_lens_itda.splinterp.metrics import HistoryPoint, reconstruction_metrics
 from sae_lens_itda.splinterp.pam_sgd import (
     AdamTopKConfig,
     DecoderStats,
@@ -277,5 +277,28 @@ def test_sample_efficiency_benchmark_smoke(tmp_path: Path, capsys, monkeypatch):
     out = capsys.readouterr().out
     for method in ("pam_sgd", "adam", "kmeans_pca"):
         assert method in out
-    with pytest.raises(NotImplementedError, match="ITDA hook"):
-        bench.fit_itda(torch.randn(10, 4), 2)
+
+
+def _load_bench(monkeypatch):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sample_efficiency.py"
+    spec = importlib.util.spec_from_file_location("sample_efficiency", path)
+    assert spec and spec.loader
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_sample_efficiency_fit_itda_smoke(planted, monkeypatch):
+    bench = _load_bench(monkeypatch)
+    train, test, _ = planted
+    recon = bench.fit_itda(train[:1000], 3, d_sae=48)
+    assert 24 <= recon.n_atoms <= 48  # paced towards the target size, never above it
+    res = reconstruction_metrics(test, recon)
+    assert res["l0"] <= 3 + 1e-6
+    assert res["explained_variance"] > 0.5
+    rows = bench.run_benchmark(
+        train, test[:500], k=3, d_sae=48, token_budgets=[500], n_epochs=1, pam_lrs=(), adam_lrs=(),
+        kmeans=False, extra_methods={"itda": lambda x, k: bench.fit_itda(x, k, d_sae=48)}, log=lambda s: None,
+    )
+    assert [r.method for r in rows] == ["itda"] and math.isnan(rows[0].lr)
