@@ -1,0 +1,108 @@
+"""The ITDA-vs-SAE comparison end to end on a tiny random model (no embedded model needed)."""
+
+import csv
+
+import datasets
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from sae_lens_itda.compare import METHOD_ITDA, METHOD_SAE, METHOD_SAE_BIG, CompareConfig, HeldOutEvaluator, run_comparison
+
+HOOK = "blocks.0.hook_resid_post"
+CTX = 16
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = HookedTransformerConfig(n_layers=1, d_model=32, n_ctx=CTX, d_head=8, n_heads=4, d_vocab=60, act_fn="relu", seed=0)
+    return HookedTransformer(cfg)
+
+
+def _windows(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 60, (n, CTX), generator=g)
+    ids[:, 0] = 0  # BOS first, as in the embedded corpus's windows
+    return datasets.Dataset.from_dict({"input_ids": ids.tolist()})
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_compare_end_to_end(tiny, tmp_path, cache):
+    # Cached activations (the default) get the full grid; runners that run the model themselves a smaller one.
+    taus, sae_ks = ((1e-2, 3e-3), (4, 8)) if cache else ((3e-3,), (4,))
+    cfg = CompareConfig(hook_name=HOOK, training_tokens=1024, context_size=CTX, corpus="", taus=taus,
+                        itda_ks=(4,), itda_n_seed_atoms=0, sae_ks=sae_ks, sae_width=64, sae_batch_tokens=64,
+                        sae_lr=1e-3, sae_big_multiplier=2, sae_buffer_batches=8, cache_activations=cache)
+    evaluator = HeldOutEvaluator(tiny, HOOK, _windows(40, seed=1), n_tokens=320, ce_batches=2, ce_batch_prompts=4, progress=False)
+    results = run_comparison(tiny, _windows(200, seed=0), evaluator, tmp_path, cfg, progress=False, title="tiny")
+
+    assert [r.method for r in results].count(METHOD_ITDA) == len(taus)
+    assert [r.method for r in results].count(METHOD_SAE) == len(sae_ks)
+    assert [r.method for r in results].count(METHOD_SAE_BIG) == 1
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert {r["method"] for r in rows} == {METHOD_ITDA, METHOD_SAE, METHOD_SAE_BIG}
+    md = (tmp_path / "results.md").read_text()
+    assert METHOD_ITDA in md and METHOD_SAE in md and "EV ratio" in md
+    for name in ("l0_vs_ev.png", "l0_vs_ce.png", "ev_vs_time.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    for r in results:
+        assert r.n_eval_tokens == 320  # the same held-out tokens for every dictionary
+        assert 0 < r.l0 <= r.k + 1e-6  # L0 counts nonzero codes, signed (ITDA) or not (SAE)
+        assert r.ev == r.ev and r.ce_loss_score == r.ce_loss_score  # not NaN
+        assert r.fit_s > 0 and r.llm_s > 0 and r.wall_s >= r.fit_s
+    itdas = [r for r in results if r.method == METHOD_ITDA]
+    assert all(a.dict_size < b.dict_size for a, b in zip(itdas, itdas[1:]))  # lower τ, larger dictionary
+    big = next(r for r in results if r.method == METHOD_SAE_BIG)
+    assert big.train_tokens == 2 * cfg.training_tokens
+    if cache:  # the big SAE's cache extends the base one: its LLM time includes the base pass
+        assert (tmp_path / "activations" / "train-128rows").is_dir()
+        assert big.llm_s > results[0].llm_s
+
+        def no_more_work(sae):
+            raise AssertionError("a resumed run redid a finished job")
+
+        again = run_comparison(tiny, _windows(200, seed=0), no_more_work, tmp_path, cfg, progress=False, resume=True)
+        assert [(r.name, r.ev) for r in again] == [(r.name, r.ev) for r in results]
+
+
+def test_cached_activations_are_the_dataset_windows_in_order(tiny, tmp_path):
+    from sae_lens_itda.compare import write_activation_cache
+
+    ds = _windows(32, seed=2)
+    cfg = CompareConfig(hook_name=HOOK, training_tokens=256, context_size=CTX)
+    write_activation_cache(tiny, cfg, ds, tmp_path / "c", 32, skip_rows=8, n_rows=16, progress=False)
+    cached = datasets.load_from_disk(str(tmp_path / "c")).with_format("torch")[:]
+    assert torch.equal(cached["token_ids"].long(), torch.tensor(ds["input_ids"][8:24]))
+    _, cache = tiny.run_with_cache(torch.tensor(ds["input_ids"][8:24]), names_filter=HOOK)
+    torch.testing.assert_close(cached[HOOK], cache[HOOK], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("ignore", [None, [0]])
+def test_spliced_ce_matches_sae_lens_run_evals(tiny, ignore):
+    """The shared-baseline CE/KL scores equal run_evals' on the same held-out batches."""
+    from sae_lens.evals import EvalConfig, run_evals
+    from sae_lens.training.activation_scaler import ActivationScaler
+    from sae_lens.training.activations_store import ActivationsStore
+
+    from sae_lens_itda.compare import SplicedCE
+    from sae_lens_itda.itda import ITDA
+
+    heldout = _windows(16, seed=3)
+    _, cache = tiny.run_with_cache(torch.tensor(_windows(64, seed=4)["input_ids"]), names_filter=HOOK)
+    itda = ITDA.from_atoms(cache[HOOK][:, 1:].reshape(-1, 32)[::7][:60], k=3)
+    itda.cfg.metadata.hook_name = HOOK
+    itda.cfg.metadata.context_size = CTX
+    itda.cfg.metadata.prepend_bos = True
+    ours = SplicedCE(tiny, HOOK, heldout, n_batches=2, batch_prompts=4, progress=False, ignore_tokens=ignore)
+    assert ours.restart == 1  # the spliced pass restarts after block 0
+    got = ours(itda)
+    store = ActivationsStore.from_sae(tiny, itda, dataset=heldout, context_size=CTX, streaming=False,
+                                      store_batch_size_prompts=4, device="cpu")
+    ref, _ = run_evals(itda, store, tiny, ActivationScaler(),
+                       EvalConfig(n_eval_reconstruction_batches=2, compute_kl=True, compute_ce_loss=True, batch_size_prompts=4),
+                       exclude_special_tokens=ignore if ignore else True)
+    assert got["ce_loss_score"] == pytest.approx(ref["model_performance_preservation"]["ce_loss_score"], abs=1e-4)
+    assert got["ce_loss_with_sae"] == pytest.approx(ref["model_performance_preservation"]["ce_loss_with_sae"], abs=1e-4)
+    assert got["kl_div_score"] == pytest.approx(ref["model_behavior_preservation"]["kl_div_score"], abs=1e-4)
+    ours.restart = None  # the full hooked pass gives the same numbers
+    assert ours(itda)["ce_loss_score"] == pytest.approx(got["ce_loss_score"], abs=1e-5)
