@@ -19,3 +19,14 @@ def smollm2_tokenizer():
     from sae_lens_itda.models import embedded_model_dir
 
     return AutoTokenizer.from_pretrained(embedded_model_dir("smollm2-135m"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny problems: extra intra-op threads only add contention on shared CPUs."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

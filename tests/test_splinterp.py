@@ -26,13 +26,7 @@ from sae_lens_itda.splinterp.pam_sgd import (
 from sae_lens_itda.splinterp.synthetic import make_affine_pieces, make_sparse_data
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # these problems are tiny: extra OpenMP threads only add contention on shared CPUs
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
