@@ -113,14 +113,15 @@ def main() -> None:
         res = {m: time_method(m, atoms, x, args.repeats) for m in args.methods}
         rows.append({"atoms": n, **res})
         print(f"{n:>6} atoms: " + "  ".join(f"{m} {v:,.0f} tok/s" for m, v in res.items()), flush=True)
-    cols = args.methods if rows else []
-    print(f"\nd_in={D_IN}, k={K}, batch={args.batch}, CPU float32, torch threads={torch.get_num_threads()}\n")
-    print("| atoms | " + " | ".join(f"{c} tok/s" for c in cols) + " | OMP/MP | MP/dense-mp | OMP/TopK | OMP/dense-mp |")
-    print("|---" * (len(cols) + 5) + "|")
-    for r in rows:
-        ratio = lambda a, b: f"{r[a] / r[b]:.2f}" if a in r and b in r else "-"  # noqa: E731
-        print(f"| {r['atoms']} | " + " | ".join(f"{r[c]:,.0f}" for c in cols)
-              + f" | {ratio('omp', 'mp')} | {ratio('mp', 'dense-mp')} | {ratio('omp', 'topk-sae')} | {ratio('omp', 'dense-mp')} |")
+    cols = args.methods
+    if rows:
+        print(f"\nd_in={D_IN}, k={K}, batch={args.batch}, CPU float32, torch threads={torch.get_num_threads()}\n")
+        print("| atoms | " + " | ".join(f"{c} tok/s" for c in cols) + " | OMP/MP | MP/dense-mp | OMP/TopK | OMP/dense-mp |")
+        print("|---" * (len(cols) + 5) + "|")
+        for r in rows:
+            ratio = lambda a, b: f"{r[a] / r[b]:.2f}" if a in r and b in r else "-"  # noqa: E731
+            print(f"| {r['atoms']} | " + " | ".join(f"{r[c]:,.0f}" for c in cols)
+                  + f" | {ratio('omp', 'mp')} | {ratio('mp', 'dense-mp')} | {ratio('omp', 'topk-sae')} | {ratio('omp', 'dense-mp')} |")
     if args.memory_at:
         mem = {m: peak_memory_mb(m, args.memory_at, args.batch) for m in ("omp", "dense-mp")}
         print(f"\nPeak memory growth of one encode at {args.memory_at} atoms, batch {args.batch}: "
