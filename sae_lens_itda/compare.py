@@ -4,10 +4,16 @@
 --tokens 100000 --out outputs/compare/smollm2`` builds ITDAs over a grid of thresholds τ and
 L0 k with :class:`~sae_lens_itda.training.ITDATrainingRunner`, trains TopK SAEs over a grid of
 k with SAELens's own ``LanguageModelSAETrainingRunner`` on the same token windows (plus one SAE
-on several times more tokens), evaluates every dictionary on the same held-out tokens with
-:func:`sae_lens_itda.evaluation.evaluate`, and writes ``results.csv``, ``results.md`` and
-three plots (L0 vs explained variance, L0 vs CE-loss score, explained variance vs training
-time).
+on several times more tokens), evaluates every dictionary on the same held-out tokens, and
+writes ``results.csv``, ``results.md`` and three plots (L0 vs explained variance, L0 vs
+CE-loss score, explained variance vs training time).
+
+Evaluation: explained variance (without and with attention sinks), L0 and cosine come from
+:func:`sae_lens_itda.evaluation.evaluate`. Its CE-loss and KL scores (SAELens's ``run_evals``)
+cost three full forward passes per batch and dictionary, so by default :class:`SplicedCE`
+computes the same scores with the clean and zero-ablated baselines shared by all dictionaries
+and the spliced pass restarted after the hooked block; the numbers are identical
+(``--ce-mode evaluate`` uses ``evaluate`` itself). ``--resume`` keeps finished rows.
 
 On a CPU the language model's forward pass costs far more than either fitting method. By
 default (``cache_activations``) it runs once: the training activations are written in the
@@ -51,7 +57,7 @@ class CompareConfig:
     """What to build and train. Token counts are rounded down to whole store batches."""
 
     hook_name: str
-    training_tokens: int = 80_000
+    training_tokens: int = 81_920
     context_size: int = 128
     corpus: str = "shakespeare"
     taus: tuple[float, ...] = (4e-4, 2e-4, 1e-4)
@@ -671,7 +677,7 @@ def _scatter(ax, results: list[Result], x: Callable[[Result], float], y: Callabl
             for r in rows:
                 text = f"τ={r.tau:.0e}" if r.tau is not None else f"k={r.k}"
                 if r.method == METHOD_SAE_BIG:
-                    text += f", {r.train_tokens:,} tok"
+                    text = r.name.replace("TopK ", "")  # "k=40 ×2 tokens"
                 if r.method == METHOD_ITDA and len({q.k for q in rows}) > 1:
                     text = f"k={r.k} " + text
                 ax.annotate(text, (x(r), y(r)), textcoords="offset points", xytext=(5, 4), fontsize=7)
@@ -737,7 +743,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     p = argparse.ArgumentParser(prog="python -m sae_lens_itda.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--hook", default="blocks.15.hook_resid_post")
-    p.add_argument("--tokens", type=int, default=80_000, help="training tokens for every ITDA and SAE")
+    p.add_argument("--tokens", type=int, default=81_920, help="training tokens for every ITDA and SAE")
     p.add_argument("--out", default="outputs/compare/smollm2")
     p.add_argument("--corpus", default="shakespeare")
     p.add_argument("--context-size", type=int, default=128)
