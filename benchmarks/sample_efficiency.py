@@ -296,13 +296,20 @@ def write_outputs(rows: Sequence[Row], out_dir: str | Path, title: str = "") -> 
     return csv_path, png_path
 
 
+def read_rows(path: str | Path) -> list[Row]:
+    """The runs a previous ``write_outputs`` saved."""
+    with open(path, newline="") as f:
+        return [Row(int(r["tokens"]), r["method"], *(float(r[k]) for k in ("lr", "mse", "explained_variance", "l0", "seconds")))
+                for r in csv.DictReader(f)]
+
+
 def _floats(s: str) -> list[float]:
     return [float(v) for v in s.split(",") if v]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help="safetensors file with 'train' and 'test' tensors")
     src.add_argument("--synthetic", action="store_true", help="planted sparse data (smoke test)")
     src.add_argument("--model", help="model name for cached_activations (e.g. smollm2-135m); needs --hook")
@@ -325,7 +332,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--title", default=None, help="plot title (default: the data source)")
+    p.add_argument("--replot", action="store_true", help="only redraw OUT/ev_vs_tokens.png from OUT/results.csv")
     args = p.parse_args(argv)
+
+    if args.replot:
+        rows = read_rows(Path(args.out) / "results.csv")
+        print(format_table(best_rows(rows)))
+        print("wrote", write_outputs(rows, args.out, args.title or "")[1])
+        return 0
+    if not (args.data or args.synthetic or args.model):
+        p.error("one of --data, --synthetic or --model is required")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -356,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print("\nBest learning rate per (tokens, method), held-out metrics:")
     print(format_table(best_rows(rows)))
-    csv_path, png_path = write_outputs(rows, args.out, title)
+    csv_path, png_path = write_outputs(rows, args.out, args.title or title)
     print(f"\nwrote {csv_path} and {png_path}")
     return 0
 

@@ -271,6 +271,9 @@ def test_sample_efficiency_benchmark_smoke(tmp_path: Path, capsys, monkeypatch):
     out = capsys.readouterr().out
     for method in ("pam_sgd", "adam", "kmeans_pca"):
         assert method in out
+    written = (tmp_path / "results.csv").read_text()
+    assert bench.main(["--replot", "--out", str(tmp_path), "--title", "again"]) == 0
+    assert (tmp_path / "results.csv").read_text() == written  # rows survive the CSV round trip
 
 
 def _load_bench(monkeypatch):
