@@ -10,6 +10,12 @@ needs only ``U[:, j]`` (the projections of atom j on the q_s) and one Gram row:
 
 which is exact OMP (Gram-Schmidt on the support) in O(n·t) per step and no solve.
 The coefficients in the atom basis come from the triangular matrix W with q_t = sum_r W[t, r] d_{j_r}.
+
+Streaming the t rows of U is the cost (n·k²/2 multiply-adds per token, bandwidth bound),
+so the argmax rides along: the pass that updates a block of alpha also records the block's
+largest score, and picking the next atom rescans one block only. LLVM does not vectorise
+float max-reductions here, so scores are compared as integers: for IEEE floats, the bits
+with the sign cleared order like |x| (and a sign-folded key orders like x).
 Threads take contiguous blocks of tokens and reuse their scratch buffers.
 """
 
@@ -19,74 +25,95 @@ import numpy as np
 from numba import njit, prange
 
 _EPS = 1e-6
-_BLOCK = 256  # columns per inner block: keeps the running sum in L1 while looping over s
+_BLOCK = 512  # columns per block: the running sum stays in L1 while the U rows stream past
+_M = np.int32(0x7FFFFFFF)
 
 
-@njit(fastmath=True, cache=True)
-def _argmax(alpha, nonneg):
-    """Largest (signed: largest |.|) entry; a max-reduction that vectorises, then a scan for it."""
-    best = -np.inf
+@njit(fastmath=True, cache=True, inline="always")
+def _key(bits, nonneg):
+    """Integer with the order of the score (|x|, or x when nonneg) of the float32 with these bits."""
     if nonneg:
-        for i in range(alpha.shape[0]):
-            best = max(best, alpha[i])
-        for i in range(alpha.shape[0]):
-            if alpha[i] == best:
-                return best, i
-    else:
-        for i in range(alpha.shape[0]):
-            best = max(best, abs(alpha[i]))
-        for i in range(alpha.shape[0]):
-            if abs(alpha[i]) == best:
-                return best, i
-    return best, 0
+        return bits ^ ((bits >> 31) & _M)
+    return bits & _M
 
 
 @njit(fastmath=True, cache=True)
-def _update(U, g_row, proj, t, inv, pt, alpha, tmp):
-    """U[t] = (g_row - sum_{s<t} proj[s] U[s]) * inv;  alpha -= pt * U[t].
+def _block_key(a, nonneg):
+    b = a.view(np.int32)
+    m = np.int32(-_M - 1)
+    for i in range(b.shape[0]):
+        m = max(m, _key(b[i], nonneg))
+    return m
 
-    Works on column blocks (1-D slices vectorise, 2-D indexing does not) and four rows of U
-    at a time, so each block of the running sum is loaded once per four rows.
+
+@njit(fastmath=True, cache=True)
+def _init_keys(alpha, bkey, nonneg):
+    n = alpha.shape[0]
+    for b in range(bkey.shape[0]):
+        bkey[b] = _block_key(alpha[b * _BLOCK : min(n, (b + 1) * _BLOCK)], nonneg)
+
+
+@njit(fastmath=True, cache=True)
+def _pick(alpha, bkey, nonneg):
+    """First index of the best score, from the per-block maxima plus a scan of one block."""
+    bb = 0
+    for b in range(bkey.shape[0]):
+        if bkey[b] > bkey[bb]:
+            bb = b
+    bits = alpha.view(np.int32)
+    b0 = bb * _BLOCK
+    for i in range(b0, min(b0 + _BLOCK, alpha.shape[0])):
+        if _key(bits[i], nonneg) == bkey[bb]:
+            return i
+    return b0
+
+
+@njit(fastmath=True, cache=True)
+def _update(U, g_row, proj, t, inv, pt, alpha, bkey, tmp, nonneg):
+    """U[t] = (g_row - sum_{s<t} proj[s] U[s]) * inv;  alpha -= pt * U[t];  refresh bkey.
+
+    Block by block, four rows of U a time, so each block of the running sum is loaded
+    once per four rows. Explicit index loops: they vectorise, slice expressions cost more.
     """
     n = g_row.shape[0]
-    for b0 in range(0, n, _BLOCK):
-        b1 = min(b0 + _BLOCK, n)
-        T = tmp[: b1 - b0]
-        T[:] = g_row[b0:b1]
+    for b in range(bkey.shape[0]):
+        b0 = b * _BLOCK
+        m = min(_BLOCK, n - b0)
+        for i in range(m):
+            tmp[i] = g_row[b0 + i]
         s = 0
         while s + 4 <= t:
             p0 = np.float32(proj[s])
             p1 = np.float32(proj[s + 1])
             p2 = np.float32(proj[s + 2])
             p3 = np.float32(proj[s + 3])
-            U0 = U[s, b0:b1]
-            U1 = U[s + 1, b0:b1]
-            U2 = U[s + 2, b0:b1]
-            U3 = U[s + 3, b0:b1]
-            for i in range(T.shape[0]):
-                T[i] -= p0 * U0[i] + p1 * U1[i] + p2 * U2[i] + p3 * U3[i]
+            U0, U1, U2, U3 = U[s], U[s + 1], U[s + 2], U[s + 3]
+            for i in range(m):
+                tmp[i] -= p0 * U0[b0 + i] + p1 * U1[b0 + i] + p2 * U2[b0 + i] + p3 * U3[b0 + i]
             s += 4
         while s < t:
             ps = np.float32(proj[s])
-            Us = U[s, b0:b1]
-            for i in range(T.shape[0]):
-                T[i] -= ps * Us[i]
+            Us = U[s]
+            for i in range(m):
+                tmp[i] -= ps * Us[b0 + i]
             s += 1
-        Ut = U[t, b0:b1]
-        al = alpha[b0:b1]
-        for i in range(T.shape[0]):
-            u = T[i] * inv
-            Ut[i] = u
-            al[i] -= pt * u
+        Ut = U[t]
+        for i in range(m):
+            u = tmp[i] * inv
+            Ut[b0 + i] = u
+            alpha[b0 + i] -= pt * u
+        bkey[b] = _block_key(alpha[b0 : b0 + m], nonneg)
 
 
 @njit(fastmath=True, cache=True)
-def _omp_token(c0_row, G, k, nonneg, tol, alpha, U, W, proj, p, sel, tmp, out_idx, out_val):
+def _omp_token(c0_row, G, k, nonneg, tol, alpha, U, W, proj, p, sel, tmp, bkey, out_idx, out_val):
     n = c0_row.shape[0]
     alpha[:] = c0_row
+    _init_keys(alpha, bkey, nonneg)
     t_used = 0
     for t in range(k):
-        best, j = _argmax(alpha, nonneg)
+        j = _pick(alpha, bkey, nonneg)
+        best = alpha[j] if nonneg else abs(alpha[j])
         if best <= tol:
             break
         nrm2 = G[j, j]
@@ -97,8 +124,6 @@ def _omp_token(c0_row, G, k, nonneg, tol, alpha, U, W, proj, p, sel, tmp, out_id
             break  # atom j is (nearly) in the span of the support
         inv = 1.0 / np.sqrt(nrm2)
         pt = alpha[j] * inv
-        inv32 = np.float32(inv)
-        pt32 = np.float32(pt)
         p[t] = pt
         sel[t] = j
         # W row t: q_t = (d_j - sum_s proj_s q_s) * inv
@@ -111,8 +136,11 @@ def _omp_token(c0_row, G, k, nonneg, tol, alpha, U, W, proj, p, sel, tmp, out_id
         t_used = t + 1
         if t == k - 1:
             break  # the last correlation update would go unused
-        _update(U, G[j], proj, t, inv32, pt32, alpha, tmp)
-        alpha[j] = 0.0  # orthogonal to the support by construction; pin out round-off
+        _update(U, G[j], proj, t, np.float32(inv), np.float32(pt), alpha, bkey, tmp, nonneg)
+        # Orthogonal to the support by construction; pin out round-off (and its block's key).
+        alpha[j] = 0.0
+        bj = j // _BLOCK
+        bkey[bj] = _block_key(alpha[bj * _BLOCK : min(n, (bj + 1) * _BLOCK)], nonneg)
     for r in range(t_used):
         acc = 0.0
         for t in range(r, t_used):
@@ -149,6 +177,7 @@ def omp_gram(c0, G, k, nonneg, tol, out_idx, out_val, n_threads):
     """Exact OMP for every row of ``c0 = x @ atoms.T`` (float32 [B, n]); writes ``out_*[B, k]``."""
     B, n = c0.shape
     n_blocks = min(n_threads, B)
+    nb = (n + _BLOCK - 1) // _BLOCK
     for blk in prange(n_blocks):
         alpha = np.empty(n, np.float32)
         U = np.empty((k, n), np.float32)
@@ -157,21 +186,25 @@ def omp_gram(c0, G, k, nonneg, tol, out_idx, out_val, n_threads):
         p = np.empty(k, np.float64)
         sel = np.zeros(k, np.int64)
         tmp = np.empty(_BLOCK, np.float32)
+        bkey = np.empty(nb, np.int32)
         for b in range(blk * B // n_blocks, (blk + 1) * B // n_blocks):
-            _omp_token(c0[b], G, k, nonneg, tol[b], alpha, U, W, proj, p, sel, tmp, out_idx[b], out_val[b])
+            _omp_token(c0[b], G, k, nonneg, tol[b], alpha, U, W, proj, p, sel, tmp, bkey, out_idx[b], out_val[b])
 
 
 @njit(parallel=True, fastmath=True, cache=True)
 def mp_gram(c0, G, k, nonneg, out_idx, out_val, n_threads):
-    """Matching pursuit with Gram-row updates: O(n) per step, argmax fused into the update."""
+    """Matching pursuit with Gram-row updates: O(n) per step, block keys refreshed in the same pass."""
     B, n = c0.shape
     n_blocks = min(n_threads, B)
+    nb = (n + _BLOCK - 1) // _BLOCK
     for blk in prange(n_blocks):
         alpha = np.empty(n, np.float32)
+        bkey = np.empty(nb, np.int32)
         for b in range(blk * B // n_blocks, (blk + 1) * B // n_blocks):
             alpha[:] = c0[b]
-            best, j = _argmax(alpha, nonneg)
+            _init_keys(alpha, bkey, nonneg)
             for t in range(k):
+                j = _pick(alpha, bkey, nonneg)
                 c = alpha[j]
                 if nonneg and c < 0.0:
                     c = 0.0
@@ -180,6 +213,10 @@ def mp_gram(c0, G, k, nonneg, out_idx, out_val, n_threads):
                 if t == k - 1:
                     break
                 g = G[j]
-                for i in range(n):
-                    alpha[i] -= c * g[i]
-                best, j = _argmax(alpha, nonneg)
+                c32 = np.float32(c)
+                for q in range(nb):
+                    b0 = q * _BLOCK
+                    m = min(_BLOCK, n - b0)
+                    for i in range(b0, b0 + m):
+                        alpha[i] -= c32 * g[i]
+                    bkey[q] = _block_key(alpha[b0 : b0 + m], nonneg)

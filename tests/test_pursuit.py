@@ -54,6 +54,23 @@ def test_omp_matches_sklearn_on_random_data(use_gram, compiled, monkeypatch):
     np.testing.assert_allclose(ours, ref, atol=2e-4 * np.abs(ref).max())
 
 
+def test_compiled_kernels_span_several_column_blocks():
+    """More atoms than one block of the kernels' fused argmax, and not a multiple of it."""
+    from sae_lens_itda import pursuit_kernels
+
+    n = 3 * pursuit_kernels._BLOCK + 77
+    atoms, x = _atoms(n, 32), torch.randn(40, 32, generator=torch.Generator().manual_seed(4))
+    g = gram_matrix(atoms)
+    idx, val = encode_sparse(x, atoms, 10, gram=g)
+    ours = to_dense(idx, val, n).double().numpy()
+    ref = _sklearn_codes(atoms, x, 10)
+    assert ((ours != 0) == (ref != 0)).all()
+    np.testing.assert_allclose(ours, ref, atol=2e-4 * np.abs(ref).max())
+    for nonneg in (False, True):
+        idx, val = encode_sparse(x, atoms, 9, method="mp", nonneg=nonneg, gram=g)
+        torch.testing.assert_close(to_dense(idx, val, n).double(), _mp_reference(x, atoms, 9, nonneg), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.real_model
 def test_omp_matches_sklearn_on_real_activations(smollm2_activations):
     acts = smollm2_activations
