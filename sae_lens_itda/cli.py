@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> None:
     from sae_lens_itda.hub import add_publish_arguments
 
     add_publish_arguments(sub.add_parser("publish", help="publish saved ITDA dictionaries on the Hugging Face Hub"))
+    from sae_lens_itda.saebench import add_arguments as add_saebench_arguments
+
+    add_saebench_arguments(sub.add_parser("saebench", help="run a SAEBench eval on ITDAs and SAELens SAEs"))
     args = p.parse_args(argv)
     try:
         args.fn(args)

