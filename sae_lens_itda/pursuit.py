@@ -36,7 +36,7 @@ Method = Literal["omp", "mp"]
 
 # Below this squared norm of the orthogonal part, a new atom adds nothing but round-off.
 _CHOLESKY_EPS = 1e-6
-DEFAULT_CHUNK_BYTES = 256 * 2**20
+DEFAULT_CHUNK_BYTES = 512 * 2**20
 
 
 def gram_matrix(atoms: torch.Tensor) -> torch.Tensor:
@@ -55,9 +55,9 @@ def grow_gram(gram: torch.Tensor, atoms: torch.Tensor, n_old: int) -> torch.Tens
 
 def chunk_size_for(n_atoms: int, k: int, d: int, method: str, use_gram: bool, budget: int) -> int:
     """Tokens per chunk so that the chunk's working set fits ``budget`` bytes."""
-    per_token = 4 * (3 * n_atoms + k * d + k * k)
+    per_token = 4 * (2 * n_atoms + k * d + k * k)
     if method == "omp" and use_gram:
-        per_token += 4 * k * n_atoms  # the gathered Gram rows of the support
+        per_token += 4 * (k + 1) * n_atoms  # c0, and the gathered Gram rows of the support
     return max(1, budget // per_token)
 
 
@@ -99,9 +99,14 @@ def encode_sparse(
 
 
 def _select(alpha: torch.Tensor, nonneg: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    score = alpha if nonneg else alpha.abs()
-    best, j = score.max(dim=1)
-    return best, j
+    """Largest ``alpha`` (or ``|alpha|``) per row and its index, lowest index on ties."""
+    hi, j_hi = alpha.max(dim=1)
+    if nonneg:
+        return hi, j_hi
+    # max and min instead of abs().max(): no second [B, n] tensor, one less pass over it.
+    lo, j_lo = alpha.min(dim=1)
+    take_lo = (-lo > hi) | ((-lo == hi) & (j_lo < j_hi))
+    return torch.where(take_lo, -lo, hi), torch.where(take_lo, j_lo, j_hi)
 
 
 def _kernels():
@@ -134,8 +139,9 @@ def _omp_chunk(
     B, d = x.shape
     n = atoms.shape[0]
     dev = x.device
-    c0 = x @ atoms.T  # [B, n]: the one correlation tensor kept for the whole pursuit
-    alpha = c0.clone()
+    alpha = x @ atoms.T
+    # The Gram path updates correlations from c0; the direct path recomputes them in place.
+    c0 = alpha.clone() if gram is not None else None
     idx = torch.zeros(B, k, dtype=torch.long, device=dev)
     L = torch.zeros(B, k, k, device=dev)
     c_sel = torch.zeros(B, k, device=dev)  # c0 on the support: right-hand side of the refit
@@ -160,7 +166,7 @@ def _omp_chunk(
         L[:, t, :t] = w * act.unsqueeze(1)
         L[:, t, t] = torch.where(active, diag2.clamp_min(_CHOLESKY_EPS).sqrt(), torch.ones_like(diag2))
         idx[:, t] = j
-        c_sel[:, t] = c0[arange, j] * act
+        c_sel[:, t] = (c0[arange, j] if c0 is not None else (x * a_j).sum(1)) * act
         sel_atoms[:, t] = a_j * act.unsqueeze(1)
         coef = torch.cholesky_solve(c_sel[:, : t + 1].unsqueeze(-1), L[:, : t + 1, : t + 1]).squeeze(-1)
         if t == k - 1:
@@ -170,7 +176,7 @@ def _omp_chunk(
             alpha = c0 - torch.bmm(coef.unsqueeze(1), rows[:, : t + 1]).squeeze(1)
         else:
             resid = x - torch.bmm(coef.unsqueeze(1), sel_atoms[:, : t + 1]).squeeze(1)
-            alpha = resid @ atoms.T
+            torch.matmul(resid, atoms.T, out=alpha)
         # The residual is orthogonal to the support; pin it so round-off cannot reselect.
         alpha.scatter_(1, idx[:, : t + 1], 0.0)
         if not active.any():
@@ -229,7 +235,7 @@ def _mp_chunk(
             alpha -= c.unsqueeze(1) * gram[j]
         else:
             resid -= c.unsqueeze(1) * atoms[j]
-            alpha = resid @ atoms.T
+            torch.matmul(resid, atoms.T, out=alpha)
     return idx, val
 
 
