@@ -7,6 +7,7 @@ from SAELens's own ``run_evals`` on held-out windows of the same corpus.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -68,8 +69,10 @@ def ce_and_kl(sae, model, corpus: str, split: str, context_size: int, n_batches:
     from sae_lens_itda.data import load_token_dataset
 
     ds = load_token_dataset(corpus, model.tokenizer, context_size, split=split)
-    store = ActivationsStore.from_sae(model, sae, dataset=ds, context_size=context_size, streaming=False,
-                                      store_batch_size_prompts=batch_prompts, device=str(sae.device))
+    with warnings.catch_warnings():  # SAELens compares rows with its default 1e9 tokens: moot for evals
+        warnings.filterwarnings("ignore", message="The training dataset contains fewer samples")
+        store = ActivationsStore.from_sae(model, sae, dataset=ds, context_size=context_size, streaming=False,
+                                          store_batch_size_prompts=batch_prompts, device=str(sae.device))
     cfg = EvalConfig(n_eval_reconstruction_batches=n_batches, compute_kl=True, compute_ce_loss=True,
                      batch_size_prompts=batch_prompts)
     metrics, _ = run_evals(sae, store, model, ActivationScaler(), cfg)

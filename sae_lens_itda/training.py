@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -136,7 +137,14 @@ class ITDATrainingRunner:
         if cfg.use_cached_activations:
             self.store, self.cached = None, _load_cached(cfg)
         else:
-            self.store = ActivationsStore.from_config(self.model, cfg, override_dataset=dataset)
+            with warnings.catch_warnings():
+                # SAELens compares the dataset's rows with the token count; our rows are
+                # context-size windows, so that warning is wrong here: check in tokens instead.
+                warnings.filterwarnings("ignore", message="The training dataset contains fewer samples")
+                self.store = ActivationsStore.from_config(self.model, cfg, override_dataset=dataset)
+            if "input_ids" in getattr(dataset, "column_names", ()) and len(dataset) * cfg.context_size < cfg.training_tokens:
+                warnings.warn(f"The dataset holds {len(dataset) * cfg.context_size:,} tokens, fewer than "
+                              f"training_tokens={cfg.training_tokens:,}: windows will be reused", stacklevel=2)
         tokenizer = getattr(self.model, "tokenizer", None)
         self.tokenizer = tokenizer
         special = [] if tokenizer is None else sorted({i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id,

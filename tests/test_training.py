@@ -184,3 +184,12 @@ def test_target_size_fills_from_an_empty_dictionary_in_one_batch():
                                          exclude_first_position=False))
     b.add_batch(torch.randn(1, 2000, 32, generator=g), None, lambda s, p: None, batches_left=1)
     assert 45 <= b.size <= 60
+
+
+def test_dataset_size_is_checked_in_tokens_not_rows(tiny, recwarn):
+    # 160 windows of 16 tokens hold 2,560 tokens: 1,536 fit (SAELens alone would warn, comparing
+    # 160 rows with 1,536 tokens), 4,096 do not.
+    ITDATrainingRunner(_cfg(tokens=1536), override_dataset=_dataset(), override_model=tiny, progress=False)
+    assert not [w for w in recwarn if "fewer" in str(w.message)]
+    with pytest.warns(UserWarning, match="2,560 tokens, fewer than training_tokens=4,096"):
+        ITDATrainingRunner(_cfg(tokens=4096), override_dataset=_dataset(), override_model=tiny, progress=False)
