@@ -52,7 +52,7 @@ def evaluate_cmd(args: argparse.Namespace) -> None:
 
     itda = ITDA.load_from_disk(args.path)
     model = load_model(itda.cfg.metadata.model_name)
-    print(json.dumps(evaluate(itda, model, n_tokens=args.eval_tokens), indent=2))
+    print(json.dumps(evaluate(itda, model, n_tokens=args.eval_tokens, ce_batches=args.ce_batches), indent=2))
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -61,7 +61,7 @@ def demo(args: argparse.Namespace) -> None:
 
     args.config = args.config or DEMO_CONFIG
     runner, itda, wall = train(args)
-    res = evaluate(itda, runner.model, n_tokens=args.eval_tokens)
+    res = evaluate(itda, runner.model, n_tokens=args.eval_tokens, ce_batches=args.ce_batches)
     ws, wi = res["without_sinks"], res["with_sinks"]
     print("\n== ITDA on", itda.cfg.metadata.model_name, itda.cfg.metadata.hook_name, "==")
     rows = [
@@ -99,11 +99,14 @@ def main(argv: list[str] | None = None) -> None:
         sp.add_argument("--training-tokens", type=int, default=None)
         sp.add_argument("--output-path", default=None)
         sp.add_argument("--resume-from", default=None, help="a checkpoint folder written by a previous run")
-        sp.add_argument("--eval-tokens", type=int, default=20_000)
+        # Demo defaults keep the whole command near 10 minutes on 2 CPU cores.
+        sp.add_argument("--eval-tokens", type=int, default=8_000)
+        sp.add_argument("--ce-batches", type=int, default=4, help="held-out batches of 8 windows for CE/KL")
         sp.set_defaults(fn=fn)
     ev = sub.add_parser("eval", help="evaluate a saved ITDA on held-out text")
     ev.add_argument("path")
     ev.add_argument("--eval-tokens", type=int, default=20_000)
+    ev.add_argument("--ce-batches", type=int, default=10, help="held-out batches of 8 windows for CE/KL")
     ev.set_defaults(fn=evaluate_cmd)
     from sae_lens_itda.hub import add_publish_arguments
 
