@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -319,8 +320,6 @@ def test_config_errors(tmp_path):
 
 
 def test_gpt2_seeds_config_parses():
-    from pathlib import Path
-
     path = Path(__file__).resolve().parent.parent / "configs" / "layer-matching-gpt2-seeds.yaml"
     cfg = LayerMatchingConfig.from_yaml(path)
     assert len(cfg.models) == 5 and all(m.startswith("stanford-crfm/") for m in cfg.models)
@@ -334,3 +333,29 @@ def test_too_few_windows(documents, word_tok):
 def test_token_windows_present():
     w = TokenWindows(torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4, 2, dtype=torch.long), torch.tensor([4, 2]), ["a", "b"])
     assert w.present.tolist() == [[True] * 4, [True, True, False, False]]
+
+
+def test_gpt2_seeds_config_runs_with_only_the_hub_stubbed(tmp_path, monkeypatch, documents, word_tok):
+    # The online path end to end: the config's names go to SAELens's model loader and its
+    # dataset to datasets.load_dataset; only those two Hub calls are replaced, by tiny stand-ins.
+    import sae_lens.load_model
+
+    from sae_lens_itda import data
+
+    base = tiny_model(word_tok, seed=0)
+    requested, copies = [], {}
+
+    def fake_model_loader(class_name, name, device, kwargs):
+        requested.append((class_name, name))
+        return copies.setdefault(name, rotated_copy(base, seed=len(copies)))
+
+    monkeypatch.setattr(sae_lens.load_model, "load_model", fake_model_loader)
+    monkeypatch.setattr(data, "load_dataset", lambda name, split, **kw: documents.remove_columns("doc_id") if name == "NeelNanda/pile-10k" else None)
+    path = Path(__file__).resolve().parent.parent / "configs" / "layer-matching-gpt2-seeds.yaml"
+    res = lm.main(["--config", str(path), "--out", str(tmp_path), "--context-size", "32", "--tokens", "320",
+                   "--target-dict-size", "16", "--measures", "itda", "cka", "--baseline-tokens", "0", "--device", "cpu"])
+    assert [n for _, n in requested] == LayerMatchingConfig.from_yaml(path).models
+    assert {c for c, _ in requested} == {"HookedTransformer"}
+    assert len(res["pairs"]) == 10  # every pair of the five seeds
+    for pair in res["pairs"]:  # rotated copies of one network: every layer has a known match
+        assert pair["accuracy"]["cka"] == 1.0
