@@ -354,20 +354,21 @@ def markdown_table(output_folder: str | Path = "outputs/saebench") -> str:
     rows: dict[str, dict[str, Any]] = {}
     for path in sorted(Path(output_folder).glob("*/*_eval_results.json")):
         res = json.loads(path.read_text())
-        name = path.name.removesuffix("_eval_results.json").removesuffix("_custom_sae")
+        name = path.name.removesuffix("_eval_results.json").removesuffix("_custom_sae").split("-blocks.")[0]
         cfg = res["sae_cfg_dict"]
-        row = rows.setdefault(name, {"model": cfg["metadata"]["model_name"], "hook": cfg["metadata"]["hook_name"],
+        row = rows.setdefault(name, {"model": f"{cfg['metadata']['model_name']} {cfg['metadata']['hook_name']}",
                                      "arch": cfg["architecture"], "latents": cfg["d_sae"]})
         m = res["eval_result_metrics"]
         if res["eval_type_id"] == "core":
             row.update(l0=m["sparsity"]["l0"], ev=m["reconstruction_quality"]["explained_variance"],
+                       ev_legacy=m["reconstruction_quality"]["explained_variance_legacy"],
                        mse=m["reconstruction_quality"]["mse"], cos=m["reconstruction_quality"]["cossim"],
                        ce=m["model_performance_preservation"]["ce_loss_score"],
                        kl=m["model_behavior_preservation"]["kl_div_score"], alive=m["misc_metrics"]["frac_alive"])
         elif res["eval_type_id"] == "absorption_first_letter":
             row.update(absorption=m["mean"]["mean_absorption_fraction_score"], full=m["mean"]["mean_full_absorption_score"],
                        split=m["mean"]["mean_num_split_features"], letters=len(res["eval_result_details"]))
-    cols = [("model", "model"), ("hook", "hook"), ("arch", "architecture"), ("latents", "latents"), ("l0", "L0"), ("ev", "EV"), ("mse", "MSE"),
+    cols = [("model", "model"), ("arch", "architecture"), ("latents", "latents"), ("l0", "L0"), ("ev", "EV"), ("ev_legacy", "EV legacy"), ("mse", "MSE"),
             ("cos", "cos"), ("ce", "CE score"), ("kl", "KL score"), ("alive", "alive"),
             ("absorption", "absorption"), ("full", "full absorption"), ("split", "split feats"), ("letters", "letters")]
 
