@@ -9,6 +9,7 @@ flagged here and, by default, dropped.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,6 +24,18 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from sae_lens_itda.models import cache_dir
+
+
+@contextlib.contextmanager
+def window_dataset_store():
+    """Around building a SAELens ``ActivationsStore`` on a dataset of context-size windows.
+
+    SAELens warns when the dataset has fewer rows than the training tokens; with one window
+    per row that comparison is wrong (callers that care check the size in tokens).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The training dataset contains fewer samples")
+        yield
 
 SINK_FACTOR = 10.0
 

@@ -181,13 +181,16 @@ def write_activation_cache(model, cfg: CompareConfig, dataset, path: Path, d_in:
     import datasets
     from sae_lens.training.activations_store import ActivationsStore
 
+    from sae_lens_itda.activations import window_dataset_store
+
     n_rows = cfg.rows if n_rows is None else n_rows
     prompts = cfg.store_batch_size_prompts
     if n_rows % prompts:
         raise ValueError(f"n_rows={n_rows} is not a multiple of store_batch_size_prompts={prompts}")
     # The same store (and so the same BOS handling and stop-at-layer) as the runners use live.
-    store = ActivationsStore.from_config(model, _store_config(model, cfg, d_in, n_rows * cfg.context_size),
-                                         override_dataset=dataset.select(range(skip_rows, skip_rows + n_rows)))
+    with window_dataset_store():  # exactly n_rows windows for n_rows * context_size tokens
+        store = ActivationsStore.from_config(model, _store_config(model, cfg, d_in, n_rows * cfg.context_size),
+                                             override_dataset=dataset.select(range(skip_rows, skip_rows + n_rows)))
     features = datasets.Features({
         cfg.hook_name: datasets.Array2D(shape=(cfg.context_size, d_in), dtype="float32"),
         "token_ids": datasets.Sequence(datasets.Value("int32"), length=cfg.context_size),

@@ -7,7 +7,6 @@ from SAELens's own ``run_evals`` on held-out windows of the same corpus.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -15,7 +14,7 @@ from sae_lens.evals import EvalConfig, run_evals
 from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.activations_store import ActivationsStore
 
-from sae_lens_itda.activations import cached_activations
+from sae_lens_itda.activations import cached_activations, window_dataset_store
 
 
 @torch.no_grad()
@@ -69,8 +68,7 @@ def ce_and_kl(sae, model, corpus: str, split: str, context_size: int, n_batches:
     from sae_lens_itda.data import load_token_dataset
 
     ds = load_token_dataset(corpus, model.tokenizer, context_size, split=split)
-    with warnings.catch_warnings():  # SAELens compares rows with its default 1e9 tokens: moot for evals
-        warnings.filterwarnings("ignore", message="The training dataset contains fewer samples")
+    with window_dataset_store():
         store = ActivationsStore.from_sae(model, sae, dataset=ds, context_size=context_size, streaming=False,
                                           store_batch_size_prompts=batch_prompts, device=str(sae.device))
     cfg = EvalConfig(n_eval_reconstruction_batches=n_batches, compute_kl=True, compute_ce_loss=True,

@@ -21,6 +21,7 @@ from sae_lens.training.activations_store import ActivationsStore
 from tqdm.auto import tqdm
 from typing_extensions import override
 
+from sae_lens_itda.activations import window_dataset_store
 from sae_lens_itda.construction import Builder, ConstructionSettings
 from sae_lens_itda.itda import ITDA, ITDAConfig
 from sae_lens_itda.labels import AtomLabel
@@ -137,10 +138,7 @@ class ITDATrainingRunner:
         if cfg.use_cached_activations:
             self.store, self.cached = None, _load_cached(cfg)
         else:
-            with warnings.catch_warnings():
-                # SAELens compares the dataset's rows with the token count; our rows are
-                # context-size windows, so that warning is wrong here: check in tokens instead.
-                warnings.filterwarnings("ignore", message="The training dataset contains fewer samples")
+            with window_dataset_store():  # and check the size in tokens instead:
                 self.store = ActivationsStore.from_config(self.model, cfg, override_dataset=dataset)
             if "input_ids" in getattr(dataset, "column_names", ()) and len(dataset) * cfg.context_size < cfg.training_tokens:
                 warnings.warn(f"The dataset holds {len(dataset) * cfg.context_size:,} tokens, fewer than "
