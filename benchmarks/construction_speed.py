@@ -21,9 +21,9 @@ import torch
 
 from encode_throughput import dense_mp  # the same paper-style MP loop as the encode benchmark
 
-from sae_lens_itda.activations import cached_activations
-from sae_lens_itda.construction import Builder, ConstructionSettings
-from sae_lens_itda.evaluation import reconstruction_metrics
+from sae_lens_itda.sources.activations import cached_activations
+from sae_lens_itda.core.construction import Builder, ConstructionSettings
+from sae_lens_itda.evaluation.heldout import reconstruction_metrics
 from sae_lens_itda.itda import ITDA
 
 HOOK = "blocks.15.hook_resid_post"

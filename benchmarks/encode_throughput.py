@@ -28,7 +28,7 @@ HOOK = "blocks.15.hook_resid_post"
 
 
 def load_inputs(n_atoms: int, batch: int):
-    from sae_lens_itda.activations import cached_activations
+    from sae_lens_itda.sources.activations import cached_activations
 
     # One cache entry serves every size up to 64k atoms.
     train = cached_activations("smollm2-135m", HOOK, split="train", n_tokens=72_000).acts
@@ -97,8 +97,8 @@ def profile_omp(atoms: torch.Tensor, x: torch.Tensor, repeats: int) -> dict[str,
     its k random Gram-row reads per token on their own, over the same rows (so they are a
     measured estimate of their share; the rest of the kernel is streaming the U rows).
     """
-    from sae_lens_itda import pursuit_kernels as pk
-    from sae_lens_itda.pursuit import encode_sparse, gram_matrix
+    from sae_lens_itda.core import kernels as pk
+    from sae_lens_itda.core.pursuit import encode_sparse, gram_matrix
 
     g = gram_matrix(atoms)
     c0 = (x @ atoms.T).contiguous()
@@ -129,13 +129,13 @@ def profile_omp(atoms: torch.Tensor, x: torch.Tensor, repeats: int) -> dict[str,
 
 
 def _argmax_only(c0, k, threads):
-    from sae_lens_itda import pursuit_kernels as pk
+    from sae_lens_itda.core import kernels as pk
 
     return _jit("argmax_only", pk)(c0, k, threads)
 
 
 def _gram_rows_only(G, idx, threads):
-    from sae_lens_itda import pursuit_kernels as pk
+    from sae_lens_itda.core import kernels as pk
 
     return _jit("gram_rows_only", pk)(G, idx, threads)
 

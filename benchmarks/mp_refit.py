@@ -17,7 +17,7 @@ import time
 import torch
 from encode_throughput import D_IN, K, load_inputs
 
-from sae_lens_itda import pursuit
+from sae_lens_itda.core import pursuit
 
 
 def refit(x: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, atoms: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:

@@ -24,11 +24,11 @@ Usage::
 
 ``--data`` is a safetensors file with float tensors ``train`` [N, d] and ``test`` [M, d];
 ``--model``/``--hook`` read both splits through
-:func:`sae_lens_itda.activations.cached_activations` (sinks excluded; a cache miss runs
+:func:`sae_lens_itda.sources.activations.cached_activations` (sinks excluded; a cache miss runs
 the model).
 
 ``--itda`` adds ITDA (:func:`fit_itda`): a greedy dictionary of about ``d_sae`` training
-activations built by :class:`sae_lens_itda.construction.Builder`, encoded by OMP at L0 = k.
+activations built by :class:`sae_lens_itda.core.construction.Builder`, encoded by OMP at L0 = k.
 ITDA is tied (its encoder is pursuit over its own decoder atoms) and has no learning rate
 or epochs: one pass over the N tokens. The SAEs are untied.
 """
@@ -87,7 +87,7 @@ def fit_itda(
     batch_size: int | None = None,
     pursuit: str = "omp",
 ) -> Reconstruct:
-    """Build an ITDA dictionary on ``train`` with :class:`sae_lens_itda.construction.Builder`.
+    """Build an ITDA dictionary on ``train`` with :class:`sae_lens_itda.core.construction.Builder`.
 
     With ``d_sae`` the builder paces its loss threshold so the dictionary ends with about
     ``d_sae`` atoms (``target_dict_size = max_dict_size = d_sae``, capped by the number of
@@ -102,7 +102,7 @@ def fit_itda(
     matching pursuit (OMP, L0 <= ``k``) over those same atoms; there is no learned encoder,
     bias or decoder. Returns ``chunk -> (x_hat, per-token L0)``.
     """
-    from sae_lens_itda.construction import Builder, ConstructionSettings
+    from sae_lens_itda.core.construction import Builder, ConstructionSettings
     from sae_lens_itda.itda import ITDA
 
     check_acts(train, name="train")
@@ -139,9 +139,9 @@ def fit_itda(
 def load_model_acts(
     model: str, hook: str, train_tokens: int, test_tokens: int = 8192
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train/test activations from :func:`sae_lens_itda.activations.cached_activations`
+    """Train/test activations from :func:`sae_lens_itda.sources.activations.cached_activations`
     (attention sinks excluded). A cache miss runs the model, which can take many minutes."""
-    from sae_lens_itda.activations import cached_activations
+    from sae_lens_itda.sources.activations import cached_activations
 
     train = cached_activations(model, hook, split="train", n_tokens=train_tokens).acts.float()
     test = cached_activations(model, hook, split="test", n_tokens=test_tokens).acts.float()

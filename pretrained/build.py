@@ -78,7 +78,7 @@ def build_release(name: str, rel: Release, seed: int = 42) -> list[dict]:
     from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name
 
     from sae_lens_itda import ITDATrainingRunner, ITDATrainingSAEConfig
-    from sae_lens_itda.models import load_model
+    from sae_lens_itda.sources.models import load_model
 
     model = load_model(rel.model)
     d_in = model.cfg.d_model
@@ -147,8 +147,8 @@ def save_float16(itda, folder: Path) -> None:
 
 def evaluate_stored(folder: Path, model) -> dict:
     """Held-out reconstruction of the dictionary as stored (float16 weights, loaded as float32)."""
-    from sae_lens_itda.activations import cached_activations
-    from sae_lens_itda.evaluation import reconstruction_metrics
+    from sae_lens_itda.sources.activations import cached_activations
+    from sae_lens_itda.evaluation.heldout import reconstruction_metrics
     from sae_lens_itda.itda import ITDA
 
     itda = ITDA.load_from_disk(folder, dtype="float32")

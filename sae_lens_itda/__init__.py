@@ -6,7 +6,7 @@ configs accept :class:`ITDATrainingSAEConfig`.
 """
 
 from sae_lens_itda.itda import ITDA, ITDAConfig
-from sae_lens_itda.labels import AtomLabel
+from sae_lens_itda.core.labels import AtomLabel
 from sae_lens_itda.registration import register
 from sae_lens_itda.training import ITDATrainingRunner, ITDATrainingSAEConfig
 

@@ -46,9 +46,9 @@ def train(args: argparse.Namespace) -> Any:
 
 
 def evaluate_cmd(args: argparse.Namespace) -> None:
-    from sae_lens_itda.evaluation import evaluate
+    from sae_lens_itda.evaluation.heldout import evaluate
     from sae_lens_itda.itda import ITDA
-    from sae_lens_itda.models import load_model
+    from sae_lens_itda.sources.models import load_model
 
     itda = ITDA.load_from_disk(args.path)
     model = load_model(itda.cfg.metadata.model_name)
@@ -57,7 +57,7 @@ def evaluate_cmd(args: argparse.Namespace) -> None:
 
 def demo(args: argparse.Namespace) -> None:
     """Build an ITDA on SmolLM2-135M offline, evaluate it on held-out text, show some atoms."""
-    from sae_lens_itda.evaluation import evaluate
+    from sae_lens_itda.evaluation.heldout import evaluate
 
     args.config = args.config or DEMO_CONFIG
     runner, itda, wall = train(args)
@@ -108,10 +108,10 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--eval-tokens", type=int, default=20_000)
     ev.add_argument("--ce-batches", type=int, default=10, help="held-out batches of 8 windows for CE/KL")
     ev.set_defaults(fn=evaluate_cmd)
-    from sae_lens_itda.hub import add_publish_arguments
+    from sae_lens_itda.io.hub import add_publish_arguments
 
     add_publish_arguments(sub.add_parser("publish", help="publish saved ITDA dictionaries on the Hugging Face Hub"))
-    from sae_lens_itda.saebench import add_arguments as add_saebench_arguments
+    from sae_lens_itda.evaluation.saebench import add_arguments as add_saebench_arguments
 
     add_saebench_arguments(sub.add_parser("saebench", help="run a SAEBench eval on ITDAs and SAELens SAEs"))
     args = p.parse_args(argv)

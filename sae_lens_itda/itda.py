@@ -16,8 +16,8 @@ from sae_lens.saes.sae import SAE, SAEConfig
 from torch import nn
 from typing_extensions import override
 
-from sae_lens_itda import pursuit as _pursuit
-from sae_lens_itda.labels import LABELS_KEY, AtomLabel, labels_from_tensor, labels_to_tensor
+from sae_lens_itda.core import pursuit as _pursuit
+from sae_lens_itda.core.labels import LABELS_KEY, AtomLabel, labels_from_tensor, labels_to_tensor
 
 
 @dataclass
@@ -212,8 +212,8 @@ class ITDA(SAE[ITDAConfig]):
         return self.process_sae_in(x)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any):
-        """Publish on the Hugging Face Hub; see :func:`sae_lens_itda.hub.push_to_hub`."""
-        from sae_lens_itda.hub import push_to_hub
+        """Publish on the Hugging Face Hub; see :func:`sae_lens_itda.io.hub.push_to_hub`."""
+        from sae_lens_itda.io.hub import push_to_hub
 
         return push_to_hub(self, repo_id, **kwargs)
 

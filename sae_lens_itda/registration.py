@@ -13,6 +13,6 @@ def register() -> None:
     if "itda" not in SAE_TRAINING_CLASS_REGISTRY:
         register_sae_training_class("itda", ITDATrainingSAE, ITDATrainingSAEConfig)
 
-    from sae_lens_itda.pretrained import register_pretrained
+    from sae_lens_itda.io.pretrained import register_pretrained
 
     register_pretrained()

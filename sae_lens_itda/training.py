@@ -2,7 +2,7 @@
 
 The runner reuses SAELens's machinery (``load_model``, ``ActivationsStore``, saving, W&B
 logging) and swaps gradient training for the greedy construction in
-:mod:`sae_lens_itda.construction`.
+:mod:`sae_lens_itda.core.construction`.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from sae_lens.training.activations_store import ActivationsStore
 from tqdm.auto import tqdm
 from typing_extensions import override
 
-from sae_lens_itda.activations import window_dataset_store
-from sae_lens_itda.construction import Builder, ConstructionSettings
+from sae_lens_itda.sources.activations import window_dataset_store
+from sae_lens_itda.core.construction import Builder, ConstructionSettings
 from sae_lens_itda.itda import ITDA, ITDAConfig
-from sae_lens_itda.labels import AtomLabel
+from sae_lens_itda.core.labels import AtomLabel
 
 STATE_FILENAME = "itda_builder_state.json"
 
@@ -128,7 +128,7 @@ class ITDATrainingRunner:
         self.model = None if cfg.use_cached_activations else (override_model or _load_model(cfg))
         dataset = override_dataset
         if dataset is None and self.model is not None and _is_embedded_corpus(cfg.dataset_path):
-            from sae_lens_itda.data import load_token_dataset
+            from sae_lens_itda.sources.corpora import load_token_dataset
 
             dataset = load_token_dataset(cfg.dataset_path, self.model.tokenizer, cfg.context_size, split="train")
             # Windows come in document order; a seeded shuffle mixes works into every batch.
@@ -301,19 +301,19 @@ def _load_cached(cfg: LanguageModelSAERunnerConfig):
 
 
 def _is_embedded_model(name: str) -> bool:
-    from sae_lens_itda.models import EMBEDDED_MODELS
+    from sae_lens_itda.sources.models import EMBEDDED_MODELS
 
     return name in EMBEDDED_MODELS
 
 
 def _is_embedded_corpus(name: str) -> bool:
-    from sae_lens_itda.data import EMBEDDED_CORPORA
+    from sae_lens_itda.sources.corpora import EMBEDDED_CORPORA
 
     return name in EMBEDDED_CORPORA
 
 
 def _load_model(cfg: LanguageModelSAERunnerConfig):
-    from sae_lens_itda.models import load_model
+    from sae_lens_itda.sources.models import load_model
 
     # SAELens defaults these kwargs for TransformerLens loading; embedded models take none.
     kwargs = {} if _is_embedded_model(cfg.model_name) else dict(cfg.model_from_pretrained_kwargs or {})

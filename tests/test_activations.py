@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from sae_lens_itda import activations as act_mod
-from sae_lens_itda.activations import (
+from sae_lens_itda.sources import activations as act_mod
+from sae_lens_itda.sources.activations import (
     Activations,
     cached_activations,
     collect_activations,
     sink_mask,
 )
-from sae_lens_itda.data import load_token_dataset
+from sae_lens_itda.sources.corpora import load_token_dataset
 
 HOOK = "blocks.15.hook_resid_post"
 CTX = 64
@@ -94,7 +94,7 @@ def test_cached_activations_reuse_and_heal(smollm2, monkeypatch, tmp_path):
 
     # A hit never touches the model.
     monkeypatch.setattr(
-        "sae_lens_itda.models.load_model", lambda *a, **k: pytest.fail("model loaded")
+        "sae_lens_itda.sources.models.load_model", lambda *a, **k: pytest.fail("model loaded")
     )
     again = cached_activations(**args, exclude_sinks=False)
     assert len(again) == 2 * CTX and again.is_sink.sum() == first.n_sinks_excluded

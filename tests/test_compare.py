@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from sae_lens_itda.compare import METHOD_ITDA, METHOD_SAE, METHOD_SAE_BIG, CompareConfig, HeldOutEvaluator, run_comparison
+from sae_lens_itda.experiments.compare import METHOD_ITDA, METHOD_SAE, METHOD_SAE_BIG, CompareConfig, HeldOutEvaluator, run_comparison
 
 HOOK = "blocks.0.hook_resid_post"
 CTX = 16
@@ -66,7 +66,7 @@ def test_compare_end_to_end(tiny, tmp_path, cache):
 
 
 def test_cached_activations_are_the_dataset_windows_in_order(tiny, tmp_path):
-    from sae_lens_itda.compare import write_activation_cache
+    from sae_lens_itda.experiments.compare import write_activation_cache
 
     ds = _windows(32, seed=2)
     cfg = CompareConfig(hook_name=HOOK, training_tokens=256, context_size=CTX)
@@ -84,7 +84,7 @@ def test_spliced_ce_matches_sae_lens_run_evals(tiny, ignore):
     from sae_lens.training.activation_scaler import ActivationScaler
     from sae_lens.training.activations_store import ActivationsStore
 
-    from sae_lens_itda.compare import SplicedCE
+    from sae_lens_itda.experiments.compare import SplicedCE
     from sae_lens_itda.itda import ITDA
 
     heldout = _windows(16, seed=3)

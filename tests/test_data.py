@@ -5,7 +5,7 @@ import hashlib
 import pytest
 import torch
 
-from sae_lens_itda.data import (
+from sae_lens_itda.sources.corpora import (
     SHAKESPEARE_LICENCE,
     SHAKESPEARE_TEST_WORKS,
     load_documents,

@@ -25,7 +25,7 @@ from huggingface_hub import constants
 
 import sae_lens_itda  # noqa: F401  (registers the architecture)
 from sae_lens_itda import ITDA, AtomLabel
-from sae_lens_itda.hub import find_dictionaries, load_from_hub, publish_main, push_folder_to_hub, push_to_hub
+from sae_lens_itda.io.hub import find_dictionaries, load_from_hub, publish_main, push_folder_to_hub, push_to_hub
 
 REPO = "alice/itda-test"
 TOKEN = "hf_test_token"
@@ -370,7 +370,7 @@ def test_from_pretrained_offline_from_a_populated_hub_cache(tmp_path):
 import sae_lens_itda
 from sae_lens import SAE
 from sae_lens_itda import ITDA
-from sae_lens_itda.hub import load_from_hub
+from sae_lens_itda.io.hub import load_from_hub
 sae = SAE.from_pretrained("alice/itda-layers", "blocks.15.hook_resid_post")
 assert isinstance(sae, ITDA) and sae.cfg.d_sae == 12 and sae.W_dec.dtype.is_floating_point
 print("OK", type(sae).__name__, sae.labels[3].doc_id, sae.labels[3].char_span)

@@ -10,7 +10,7 @@ from transformer_lens import HookedTransformerConfig
 
 import sae_lens_itda.itda as itda_module
 from sae_lens_itda import ITDA, AtomLabel
-from sae_lens_itda.labels import LABELS_KEY
+from sae_lens_itda.core.labels import LABELS_KEY
 
 
 def _itda(n=120, d=32, k=6, **cfg):
@@ -140,7 +140,7 @@ def test_labels_that_do_not_match_the_atoms_are_refused(tmp_path):
     itda.save_model(tmp_path)
     from safetensors.torch import load_file, save_file
 
-    from sae_lens_itda.labels import labels_to_tensor
+    from sae_lens_itda.core.labels import labels_to_tensor
 
     sd = load_file(tmp_path / "sae_weights.safetensors")
     sd[LABELS_KEY] = labels_to_tensor(itda.labels[:-1])

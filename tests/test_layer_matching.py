@@ -1,4 +1,4 @@
-"""Tests for sae_lens_itda.layer_matching on tiny hand-built models with known answers."""
+"""Tests for sae_lens_itda.analysis.layer_matching on tiny hand-built models with known answers."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 from datasets import Dataset
 
-from sae_lens_itda import layer_matching as lm
-from sae_lens_itda.construction import ConstructionSettings
-from sae_lens_itda.layer_matching import (
+from sae_lens_itda.analysis import layer_matching as lm
+from sae_lens_itda.core.construction import ConstructionSettings
+from sae_lens_itda.analysis.layer_matching import (
     LayerMatchingConfig,
     TokenWindows,
     align_tokens,
@@ -340,7 +340,7 @@ def test_gpt2_seeds_config_runs_with_only_the_hub_stubbed(tmp_path, monkeypatch,
     # dataset to datasets.load_dataset; only those two Hub calls are replaced, by tiny stand-ins.
     import sae_lens.load_model
 
-    from sae_lens_itda import data
+    from sae_lens_itda.sources import corpora as data
 
     base = tiny_model(word_tok, seed=0)
     requested, copies = [], {}

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sae_lens_itda import models
-from sae_lens_itda.models import (
+from sae_lens_itda.sources import models
+from sae_lens_itda.sources.models import (
     EMBEDDED_MODELS,
     MARKER,
     EmbeddedModelMissingError,

@@ -13,7 +13,7 @@ from sae_lens.loading import pretrained_saes_directory
 
 import sae_lens_itda  # noqa: F401  (registers the architecture)
 from sae_lens_itda import ITDA
-from sae_lens_itda.pretrained import (
+from sae_lens_itda.io.pretrained import (
     check_compatible,
     list_pretrained,
     load_pretrained,
@@ -105,7 +105,7 @@ HELDOUT = dict(split="test", n_tokens=8000, exclude_sinks=True)  # as pretrained
 
 @pytest.fixture(scope="module")
 def train_docs():
-    from sae_lens_itda.data import load_documents
+    from sae_lens_itda.sources.corpora import load_documents
 
     return {d["doc_id"]: d["text"] for d in load_documents("shakespeare", "train")}
 
@@ -118,8 +118,8 @@ def test_every_atom_label_points_at_its_token_in_the_training_text(entry, train_
 
 
 def _heldout_ev(itda, model=None) -> float:
-    from sae_lens_itda.activations import cached_activations
-    from sae_lens_itda.evaluation import reconstruction_metrics
+    from sae_lens_itda.sources.activations import cached_activations
+    from sae_lens_itda.evaluation.heldout import reconstruction_metrics
 
     md = itda.cfg.metadata
     acts = cached_activations(md.model_name, md.hook_name, model=model, **HELDOUT)
@@ -129,8 +129,8 @@ def _heldout_ev(itda, model=None) -> float:
 @pytest.fixture(scope="module")
 def gemma_if_needed():
     """Gemma-3-270m for a hook whose held-out activations are not cached yet; loaded at most once."""
-    from sae_lens_itda.activations import activations_cache_path
-    from sae_lens_itda.models import load_model
+    from sae_lens_itda.sources.activations import activations_cache_path
+    from sae_lens_itda.sources.models import load_model
 
     loaded = {}
 

@@ -5,13 +5,13 @@ import pytest
 import torch
 from sklearn.linear_model import orthogonal_mp
 
-from sae_lens_itda import pursuit
-from sae_lens_itda.pursuit import encode_sparse, gram_matrix, to_dense
+from sae_lens_itda.core import pursuit
+from sae_lens_itda.core.pursuit import encode_sparse, gram_matrix, to_dense
 
 
 @pytest.fixture(scope="module")
 def smollm2_activations():
-    from sae_lens_itda.activations import cached_activations
+    from sae_lens_itda.sources.activations import cached_activations
 
     return cached_activations("smollm2-135m", "blocks.15.hook_resid_post", n_tokens=2048).acts
 
@@ -56,9 +56,9 @@ def test_omp_matches_sklearn_on_random_data(use_gram, compiled, monkeypatch):
 
 def test_compiled_kernels_span_several_column_blocks():
     """More atoms than one block of the kernels' fused argmax, and not a multiple of it."""
-    from sae_lens_itda import pursuit_kernels
+    from sae_lens_itda.core import kernels
 
-    n = 3 * pursuit_kernels._BLOCK + 77
+    n = 3 * kernels._BLOCK + 77
     atoms, x = _atoms(n, 32), torch.randn(40, 32, generator=torch.Generator().manual_seed(4))
     g = gram_matrix(atoms)
     idx, val = encode_sparse(x, atoms, 10, gram=g)

@@ -16,8 +16,8 @@ from sae_lens.training.activations_store import ActivationsStore
 
 import sae_lens_itda  # noqa: F401  (registers the architecture and pretrained releases)
 from sae_lens_itda import ITDA
-from sae_lens_itda.data import load_token_dataset
-from sae_lens_itda.saebench import SignSplitITDA, for_saebench, run_eval, sample_words
+from sae_lens_itda.sources.corpora import load_token_dataset
+from sae_lens_itda.evaluation.saebench import SignSplitITDA, for_saebench, run_eval, sample_words
 
 RELEASE, HOOK = "smollm2-135m-res-itda", "blocks.15.hook_resid_post"
 

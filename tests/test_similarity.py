@@ -1,4 +1,4 @@
-"""Tests for sae_lens_itda.similarity: ITDA label Jaccard and activation baselines."""
+"""Tests for sae_lens_itda.analysis.similarity: ITDA label Jaccard and activation baselines."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from sae_lens_itda.labels import AtomLabel
-from sae_lens_itda.similarity import (
+from sae_lens_itda.core.labels import AtomLabel
+from sae_lens_itda.analysis.similarity import (
     _max_overlap_matching,
     itda_jaccard,
     label_match_counts,

@@ -7,8 +7,8 @@ from sae_lens import LanguageModelSAERunnerConfig
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from sae_lens_itda import ITDATrainingRunner, ITDATrainingSAEConfig
-from sae_lens_itda.construction import Builder, ConstructionSettings
-from sae_lens_itda.pursuit import encode_sparse, gram_matrix
+from sae_lens_itda.core.construction import Builder, ConstructionSettings
+from sae_lens_itda.core.pursuit import encode_sparse, gram_matrix
 
 HOOK = "blocks.0.hook_resid_post"
 BOS = 0
@@ -170,7 +170,7 @@ def test_smollm2_labels_decode_to_the_tokens_whose_activations_are_the_atoms(smo
         assert lab.token == tok.decode([row["input_ids"][lab.position]])
         assert row["doc_id"] == lab.doc_id
         start, end = lab.char_span
-        from sae_lens_itda.data import load_documents
+        from sae_lens_itda.sources.corpora import load_documents
 
         text = {d["doc_id"]: d["text"] for d in load_documents("shakespeare", "train")}[lab.doc_id]
         assert text[start:end].strip() == lab.token.strip()

@@ -1,7 +1,7 @@
 """Comparing representations: ITDA label Jaccard and activation-based baselines.
 
 An ITDA dictionary's atoms are real activations, each labelled with the token that produced it
-(:class:`~sae_lens_itda.labels.AtomLabel`). Two dictionaries (two layers, or two models) are
+(:class:`~sae_lens_itda.core.labels.AtomLabel`). Two dictionaries (two layers, or two models) are
 compared by the Jaccard similarity of their label sets (Leask, Nanda & Al Moubayed, ICML 2025).
 The baselines compare raw activations of the same tokens: linear CKA, SVCCA, relative
 representations and linear regression R².
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .labels import AtomLabel
+from sae_lens_itda.core.labels import AtomLabel
 
 __all__ = [
     "itda_jaccard",

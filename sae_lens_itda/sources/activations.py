@@ -23,7 +23,7 @@ from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from sae_lens_itda.models import cache_dir
+from sae_lens_itda.sources.models import cache_dir
 
 
 @contextlib.contextmanager
@@ -101,7 +101,7 @@ def collect_activations(
     """Run ``model`` over the first ``n_tokens`` tokens of ``dataset`` and keep ``hook_name``.
 
     ``dataset`` is a tokenized-windows dataset (an ``input_ids`` column of equal-length rows, as
-    from :func:`sae_lens_itda.data.tokenize_documents`), read in order; the last window is cut
+    from :func:`sae_lens_itda.sources.corpora.tokenize_documents`), read in order; the last window is cut
     so exactly ``n_tokens`` tokens are read. Sinks are flagged with :func:`sink_mask` over all
     of them; with ``exclude_sinks`` they are dropped, so fewer than ``n_tokens`` rows come back
     and ``n_sinks_excluded`` says how many went.
@@ -237,8 +237,8 @@ def _compute_and_save(
     model,
     device,
 ) -> dict[str, torch.Tensor]:
-    from sae_lens_itda.data import load_documents, tokenize_documents
-    from sae_lens_itda.models import load_model
+    from sae_lens_itda.sources.corpora import load_documents, tokenize_documents
+    from sae_lens_itda.sources.models import load_model
 
     if model is None:
         model = load_model(model_name, device=device)

@@ -51,7 +51,7 @@ def pretrained_dir() -> Path:
     checkout or editable install; a plain wheel does not carry it).
     """
     env = os.environ.get("SAE_LENS_ITDA_PRETRAINED")
-    return Path(env).expanduser() if env else Path(__file__).resolve().parent.parent / "pretrained"
+    return Path(env).expanduser() if env else Path(__file__).resolve().parents[2] / "pretrained"
 
 
 # --- the registry ---------------------------------------------------------------------------

@@ -3,14 +3,14 @@
 The benchmark of Leask, Nanda & Al Moubayed (ICML 2025): for two models of the same
 architecture (e.g. GPT-2 small trained from different seeds), compare every layer of A with
 every layer of B and count how often layer i of A is most similar to layer i of B. ITDA does
-it with the Jaccard similarity of dictionary atom labels (:func:`~sae_lens_itda.similarity.itda_jaccard`);
+it with the Jaccard similarity of dictionary atom labels (:func:`~sae_lens_itda.analysis.similarity.itda_jaccard`);
 the baselines (linear CKA, SVCCA, relative representations, linear regression R²) compare raw
 activations of the same tokens.
 
 Pipeline (:func:`run_layer_matching`):
 
 1. **Windows.** Held-out documents are cut into windows of ``context_size`` tokens by the first
-   model's tokenizer (:func:`~sae_lens_itda.data.tokenize_documents`), and ``ceil(tokens /
+   model's tokenizer (:func:`~sae_lens_itda.sources.corpora.tokenize_documents`), and ``ceil(tokens /
    context_size)`` windows are drawn at random (``seed``), so they spread over the documents.
    Every model reads the *same text*: a model with another tokenizer re-tokenizes each window's
    character range ``[start of its first token, end of its last token)`` (with its own BOS), so
@@ -19,12 +19,12 @@ Pipeline (:func:`run_layer_matching`):
    ``window_shifts`` entry s reads each window without its first s document tokens.
 2. **One forward pass per batch** caches ``blocks.{i}.hook_resid_post`` for every layer i.
 3. **Tokens left out**, per model: position 0 (BOS), padding, and attention sinks -- a token whose
-   norm is above ``sink_factor`` x the median at *any* layer (:func:`~sae_lens_itda.activations.sink_mask`)
+   norm is above ``sink_factor`` x the median at *any* layer (:func:`~sae_lens_itda.sources.activations.sink_mask`)
    is left out at *every* layer, for the dictionaries and for the baselines alike. The cut
    matters for the baselines: at the default 10x, SmolLM2 keeps a few "semi-sinks" (8-10x the
    median, mostly the first token after BOS) that dominate CKA and linear regression at layers
    1-8; ``sink_factor=5`` removes them (ITDA's cosine-based construction is barely affected).
-4. **One ITDA dictionary per layer**, grown with :class:`~sae_lens_itda.construction.Builder`
+4. **One ITDA dictionary per layer**, grown with :class:`~sae_lens_itda.core.construction.Builder`
    from the windows' tokens (in stream order, or shuffled with a per-model ``dict_orders`` seed;
    by default to ``target_dict_size`` atoms at every layer),
    each atom labelled with its ``doc_id`` and document character span, so ``itda_jaccard(...,
@@ -38,16 +38,16 @@ Pipeline (:func:`run_layer_matching`):
    one tokenizer the alignment is the identity. Then ``baseline_tokens`` aligned pairs are drawn
    at random (``seed``) -- the same rows at every layer.
 6. For each pair of models, the layer x layer matrix of each measure
-   (:func:`~sae_lens_itda.similarity.similarity_matrix`), the layer-matching accuracy
-   (:func:`~sae_lens_itda.similarity.layer_matching_accuracy`) when both have as many layers, and
+   (:func:`~sae_lens_itda.analysis.similarity.similarity_matrix`), the layer-matching accuracy
+   (:func:`~sae_lens_itda.analysis.similarity.layer_matching_accuracy`) when both have as many layers, and
    for any depths the relative-depth error (:func:`relative_depth_error`); heatmaps
    (``<pair>.png``), matrices (``<pair>.npz``), ``results.json`` and ``results.md``.
 
 Command line (``--config`` reads a YAML of :class:`LayerMatchingConfig` fields; flags override)::
 
-    python -m sae_lens_itda.layer_matching --models smollm2-135m gemma-3-270m --tokens 8000 \\
+    python -m sae_lens_itda.analysis.layer_matching --models smollm2-135m gemma-3-270m --tokens 8000 \\
         --out outputs/layer_matching/smollm2-vs-gemma
-    python -m sae_lens_itda.layer_matching --config configs/layer-matching-gpt2-seeds.yaml
+    python -m sae_lens_itda.analysis.layer_matching --config configs/layer-matching-gpt2-seeds.yaml
 """
 
 from __future__ import annotations
@@ -67,13 +67,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sae_lens_itda.activations import SINK_FACTOR, sink_mask
-from sae_lens_itda.construction import Builder, ConstructionSettings
-from sae_lens_itda.data import load_documents, tokenize_documents
+from sae_lens_itda.sources.activations import SINK_FACTOR, sink_mask
+from sae_lens_itda.core.construction import Builder, ConstructionSettings
+from sae_lens_itda.sources.corpora import load_documents, tokenize_documents
 from sae_lens_itda.itda import ITDA
-from sae_lens_itda.labels import AtomLabel
-from sae_lens_itda.models import load_model
-from sae_lens_itda.similarity import (
+from sae_lens_itda.core.labels import AtomLabel
+from sae_lens_itda.sources.models import load_model
+from sae_lens_itda.analysis.similarity import (
     layer_matching_accuracy,
     plot_similarity_matrices,
     similarity_matrix,
@@ -108,7 +108,7 @@ class LayerMatchingConfig:
     """Everything a layer-matching run needs; also the schema of the ``--config`` YAML.
 
     Args:
-        models: model names for :func:`sae_lens_itda.models.load_model` (one name: that model
+        models: model names for :func:`sae_lens_itda.sources.models.load_model` (one name: that model
             against itself). The first model's tokenizer cuts the windows.
         dict_orders: one entry per model: ``None`` builds its dictionaries in stream order, an
             int shuffles the windows with that seed first. Two entries of the same model with
@@ -122,7 +122,7 @@ class LayerMatchingConfig:
             accuracy is trivially 1; the heatmaps show how similar a model's layers are).
         pairs: ``"all"`` (every pair i < j of ``models``) or ``"first"`` (the first model
             against each other one).
-        dataset, split, max_documents: documents from :func:`sae_lens_itda.data.load_documents`
+        dataset, split, max_documents: documents from :func:`sae_lens_itda.sources.corpora.load_documents`
             (``max_documents`` keeps only the first ones, for large online datasets).
         context_size: tokens per window for the first model, BOS included.
         tokens: tokens fed to each model (whole windows; rounded up), for the dictionaries and
@@ -758,7 +758,7 @@ def _order(s: str) -> int | None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m sae_lens_itda.layer_matching",
+        prog="python -m sae_lens_itda.analysis.layer_matching",
         description="Layer-matching benchmark: ITDA Jaccard vs CKA/SVCCA/relative/linear-regression baselines.",
     )
     p.add_argument("--config", help="YAML of LayerMatchingConfig fields (flags given override it)")

@@ -30,7 +30,7 @@ from typing import Any
 from huggingface_hub import HfApi, ModelCard, ModelCardData, hf_hub_download
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 
-from sae_lens_itda.pretrained import check_itda_cfg
+from sae_lens_itda.io.pretrained import check_itda_cfg
 
 EVAL_FILENAME = "eval.json"  # metrics beside a dictionary (written by `sae-lens-itda demo`, pretrained/build.py)
 CARD_TAGS = ["itda", "sae_lens", "sae-lens-itda", "sparse-dictionary", "interpretability"]
@@ -58,7 +58,7 @@ def push_to_hub(
 
     ``path_in_repo`` defaults to the dictionary's hook name; it is the ``sae_id`` to pass to
     ``SAE.from_pretrained(repo_id, ...)``. ``metrics`` (e.g. from
-    :func:`sae_lens_itda.evaluation.evaluate`) go up as ``eval.json`` and into the card. The
+    :func:`sae_lens_itda.evaluation.heldout.evaluate`) go up as ``eval.json`` and into the card. The
     card at the repository root describes the dictionaries of this commit only: publish several
     layers together with :func:`push_folder_to_hub`. Returns huggingface_hub's ``CommitInfo``.
     """

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sae_lens_itda import pursuit
-from sae_lens_itda.labels import AtomLabel
+from sae_lens_itda.core import pursuit
+from sae_lens_itda.core.labels import AtomLabel
 
 _GROUP = 32  # candidates re-tested together; smaller is closer to one-at-a-time, and slower
 _PACING_ROUNDS = 8  # extra passes per batch, at most, when pacing towards a target size

@@ -1,6 +1,6 @@
 """ITDA side by side with SAELens TopK SAEs: one model, one layer, one token budget.
 
-``python -m sae_lens_itda.compare --model smollm2-135m --hook blocks.15.hook_resid_post
+``python -m sae_lens_itda.experiments.compare --model smollm2-135m --hook blocks.15.hook_resid_post
 --tokens 100000 --out outputs/compare/smollm2`` builds ITDAs over a grid of thresholds τ and
 L0 k with :class:`~sae_lens_itda.training.ITDATrainingRunner`, trains TopK SAEs over a grid of
 k with SAELens's own ``LanguageModelSAETrainingRunner`` on the same token windows (plus one SAE
@@ -9,7 +9,7 @@ writes ``results.csv``, ``results.md`` and three plots (L0 vs explained variance
 CE-loss score, explained variance vs training time).
 
 Evaluation: explained variance (without and with attention sinks), L0 and cosine come from
-:func:`sae_lens_itda.evaluation.evaluate`. Its CE-loss and KL scores (SAELens's ``run_evals``)
+:func:`sae_lens_itda.evaluation.heldout.evaluate`. Its CE-loss and KL scores (SAELens's ``run_evals``)
 cost three full forward passes per batch and dictionary, so by default :class:`SplicedCE`
 computes the same scores with the clean and zero-ablated baselines shared by all dictionaries
 and the spliced pass restarted after the hooked block; the numbers are identical
@@ -181,7 +181,7 @@ def write_activation_cache(model, cfg: CompareConfig, dataset, path: Path, d_in:
     import datasets
     from sae_lens.training.activations_store import ActivationsStore
 
-    from sae_lens_itda.activations import window_dataset_store
+    from sae_lens_itda.sources.activations import window_dataset_store
 
     n_rows = cfg.rows if n_rows is None else n_rows
     prompts = cfg.store_batch_size_prompts
@@ -315,7 +315,7 @@ def build_itda(model, dataset, cfg: CompareConfig, d_in: int, k: int, tau: float
 
 def _filter_sinks(store, context_size: int, sink_factor: float, timer: dict[str, float]) -> None:
     """Make a SAELens ActivationsStore drop attention sinks and time its raw batches."""
-    from sae_lens_itda.activations import sink_mask
+    from sae_lens_itda.sources.activations import sink_mask
 
     raw = store.get_raw_llm_batch
 
@@ -377,7 +377,7 @@ def run_comparison(model, dataset, evaluate_fn: EvaluateFn, out_dir: str | Path,
     """Build, train and evaluate everything; write the table and plots into ``out_dir``.
 
     ``dataset`` holds tokenized windows (``input_ids``) in training order: every method reads
-    it from the start. ``evaluate_fn(sae)`` returns :func:`sae_lens_itda.evaluation.evaluate`'s
+    it from the start. ``evaluate_fn(sae)`` returns :func:`sae_lens_itda.evaluation.heldout.evaluate`'s
     dict; it is called once per dictionary, on the same held-out tokens for all. With
     ``resume``, rows already in ``out_dir/results.json`` are kept and their jobs skipped.
     """
@@ -541,7 +541,7 @@ class SplicedCE:
 
 
 class HeldOutEvaluator:
-    """:func:`sae_lens_itda.evaluation.evaluate`'s metrics for many dictionaries on the same tokens.
+    """:func:`sae_lens_itda.evaluation.heldout.evaluate`'s metrics for many dictionaries on the same tokens.
 
     Reconstruction metrics (explained variance with and without sinks, L0, cosine) come from
     ``recon_fn(sae)`` when given (the CLI passes ``evaluation.evaluate`` with ``ce_batches=0``),
@@ -551,7 +551,7 @@ class HeldOutEvaluator:
 
     def __init__(self, model, hook_name: str, windows, n_tokens: int, ce_batches: int = 2, ce_batch_prompts: int = 4,
                  sink_factor: float = 10.0, recon_fn: EvaluateFn | None = None, progress: bool = True):
-        from sae_lens_itda.activations import collect_activations
+        from sae_lens_itda.sources.activations import collect_activations
 
         self.recon_fn, self.acts = recon_fn, None
         if recon_fn is None:
@@ -559,7 +559,7 @@ class HeldOutEvaluator:
         self.ce = SplicedCE(model, hook_name, windows, ce_batches, ce_batch_prompts, progress) if ce_batches > 0 else None
 
     def __call__(self, sae) -> dict[str, Any]:
-        from sae_lens_itda.evaluation import reconstruction_metrics
+        from sae_lens_itda.evaluation.heldout import reconstruction_metrics
 
         if self.recon_fn is not None:
             out = dict(self.recon_fn(sae))
@@ -743,7 +743,7 @@ def _ints(s: str) -> tuple[int, ...]:
 def main(argv: list[str] | None = None) -> list[Result]:
     import sae_lens_itda  # noqa: F401  (registers the ITDA architecture)
 
-    p = argparse.ArgumentParser(prog="python -m sae_lens_itda.compare", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m sae_lens_itda.experiments.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--hook", default="blocks.15.hook_resid_post")
     p.add_argument("--tokens", type=int, default=81_920, help="training tokens for every ITDA and SAE")
@@ -783,9 +783,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
 
     from functools import partial
 
-    from sae_lens_itda.data import load_token_dataset
-    from sae_lens_itda.evaluation import evaluate
-    from sae_lens_itda.models import load_model
+    from sae_lens_itda.sources.corpora import load_token_dataset
+    from sae_lens_itda.evaluation.heldout import evaluate
+    from sae_lens_itda.sources.models import load_model
 
     cfg = CompareConfig(hook_name=args.hook, training_tokens=args.tokens, context_size=args.context_size,
                         corpus=args.corpus, taus=args.taus, itda_ks=args.itda_ks, itda_n_seed_atoms=args.itda_seed_atoms,

@@ -118,11 +118,11 @@ def embedded_models(*preloaded: Any, device: str = "cpu") -> Iterator[None]:
     SAEBench's entry points load their model by name, and neither embedded model is a name
     TransformerLens can load offline. ``preloaded`` HookedTransformers are returned as they are
     (by ``cfg.model_name``); other embedded names load once with
-    :func:`sae_lens_itda.models.load_model`; any other name goes to TransformerLens unchanged.
+    :func:`sae_lens_itda.sources.models.load_model`; any other name goes to TransformerLens unchanged.
     """
     from transformer_lens import HookedTransformer
 
-    from sae_lens_itda.models import EMBEDDED_MODELS, load_model
+    from sae_lens_itda.sources.models import EMBEDDED_MODELS, load_model
 
     models = {m.cfg.model_name: m for m in preloaded}
     original = HookedTransformer.__dict__["from_pretrained_no_processing"]
@@ -149,8 +149,8 @@ def local_text_dataset(corpus: str = "shakespeare", split: str = "test") -> Path
     One JSON line per document with a ``text`` column, which is what SAEBench's core eval (through
     SAELens's ``ActivationsStore``) tokenizes. The default is the held-out Shakespeare works.
     """
-    from sae_lens_itda.data import load_documents
-    from sae_lens_itda.models import cache_dir, cached_dir
+    from sae_lens_itda.sources.corpora import load_documents
+    from sae_lens_itda.sources.models import cache_dir, cached_dir
 
     def build(tmp: Path) -> None:
         load_documents(corpus, split).to_json(tmp / "documents.jsonl")

@@ -14,7 +14,7 @@ from sae_lens.evals import EvalConfig, run_evals
 from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.activations_store import ActivationsStore
 
-from sae_lens_itda.activations import cached_activations, window_dataset_store
+from sae_lens_itda.sources.activations import cached_activations, window_dataset_store
 
 
 @torch.no_grad()
@@ -49,7 +49,7 @@ def evaluate(
     ce_batch_prompts: int = 8,
 ) -> dict[str, Any]:
     """Reconstruction on held-out activations (with and without sinks) plus CE-loss/KL scores."""
-    from sae_lens_itda.pretrained import check_compatible
+    from sae_lens_itda.io.pretrained import check_compatible
 
     check_compatible(sae, model)
     hook = sae.cfg.metadata.hook_name
@@ -65,7 +65,7 @@ def evaluate(
 
 def ce_and_kl(sae, model, corpus: str, split: str, context_size: int, n_batches: int, batch_prompts: int) -> dict[str, float]:
     """SAELens's CE-loss score and KL score with the SAE spliced in, on held-out windows."""
-    from sae_lens_itda.data import load_token_dataset
+    from sae_lens_itda.sources.corpora import load_token_dataset
 
     ds = load_token_dataset(corpus, model.tokenizer, context_size, split=split)
     with window_dataset_store():

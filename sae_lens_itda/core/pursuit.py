@@ -112,10 +112,10 @@ def _select(alpha: torch.Tensor, nonneg: bool) -> tuple[torch.Tensor, torch.Tens
 def _kernels():
     """The numba kernels, or None where numba is not installed (the torch path then runs)."""
     try:
-        from sae_lens_itda import pursuit_kernels
+        from sae_lens_itda.core import kernels
     except ImportError:
         return None
-    return pursuit_kernels
+    return kernels
 
 
 def _compiled_chunk(x, atoms, k, nonneg, gram, method):

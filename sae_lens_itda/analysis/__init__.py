@@ -1,0 +1,2 @@
+"""Comparing representations: ITDA Jaccard similarity and the activation-based baselines, and
+layer matching between models."""
