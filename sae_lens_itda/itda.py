@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +16,8 @@ from typing_extensions import override
 
 from sae_lens_itda.core import pursuit as _pursuit
 from sae_lens_itda.core.labels import LABELS_KEY, AtomLabel, labels_from_tensor, labels_to_tensor
+from sae_lens_itda.io import format as saved_format
+from sae_lens_itda.io.atomic import atomic_file
 
 
 @dataclass
@@ -142,11 +142,6 @@ class ITDA(SAE[ITDAConfig]):
             self._gram_key = key
         return self._gram
 
-    def set_gram(self, gram: torch.Tensor) -> None:
-        """Install a Gram matrix computed elsewhere (the trainer grows it incrementally)."""
-        self._gram = gram
-        self._gram_key = (self.W_dec.data_ptr(), self.W_dec._version, tuple(self.W_dec.shape), self.W_dec.device)
-
     def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes as ``(indices [..., k], values [..., k])``; no dense ``[..., d_sae]`` tensor."""
         sae_in = self._checked_input(x)
@@ -252,32 +247,25 @@ class ITDA(SAE[ITDAConfig]):
     def save_model(self, path: str | Path) -> tuple[Path, Path]:
         """SAELens's layout (``cfg.json`` + ``sae_weights.safetensors``, labels inside the latter).
 
-        Each file is written to a temporary name and renamed into place, so a crash never
-        leaves a truncated file; the weights go first, the config last.
+        Each file is written atomically (:mod:`sae_lens_itda.io.atomic`); the weights go first,
+        the config last.
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         state_dict = {k: v.contiguous() for k, v in self.state_dict().items()}
         self.process_state_dict_for_saving(state_dict)
         weights_path, cfg_path = path / SAE_WEIGHTS_FILENAME, path / SAE_CFG_FILENAME
-        _atomic_write(weights_path, lambda tmp: save_file(state_dict, tmp, metadata={"format": "pt"}))
-        _atomic_write(cfg_path, lambda tmp: Path(tmp).write_text(json.dumps(self.cfg.to_dict())))
+        with atomic_file(weights_path) as tmp:
+            save_file(state_dict, tmp, metadata={"format": "pt"})
+        with atomic_file(cfg_path) as tmp:
+            tmp.write_text(json.dumps(self.cfg.to_dict()))
         return weights_path, cfg_path
 
     @override
     @classmethod
     def load_from_disk(cls, path: str | Path, device: str = "cpu", dtype: str | None = None, **kwargs: Any) -> ITDA:
         """``SAE.load_from_disk`` with errors that say which file is wrong."""
-        path = Path(path)
-        for name in (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME):
-            if not (path / name).is_file():
-                raise FileNotFoundError(f"{path} is not a saved ITDA: {name} is missing")
-        try:
-            sae = SAE.load_from_disk(path, device=device, dtype=dtype, **kwargs)
-        except Exception as e:  # safetensors raises its own error type for a bad header
-            if isinstance(e, ValueError) and "labels" in str(e):
-                raise
-            raise ValueError(f"Could not load {path / SAE_WEIGHTS_FILENAME}: it is truncated or corrupt ({e})") from e
+        sae = saved_format.load(path, device=device, dtype=dtype, **kwargs)
         if not isinstance(sae, ITDA):
             raise ValueError(f"{path} holds a {type(sae).__name__}, not an ITDA")
         return sae
@@ -310,16 +298,3 @@ def _check_finite(x: torch.Tensor, what: str) -> None:
     if not torch.isfinite(x).all():
         bad = (~torch.isfinite(x)).sum().item()
         raise ValueError(f"The {what} contain {bad} NaN or infinite values")
-
-
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -23,10 +23,12 @@ from typing_extensions import override
 
 from sae_lens_itda.sources.activations import window_dataset_store
 from sae_lens_itda.core.construction import Builder, ConstructionSettings
-from sae_lens_itda.itda import ITDA, ITDAConfig
+from sae_lens_itda.io.atomic import atomic_file
+from sae_lens_itda.itda import ITDA
 from sae_lens_itda.core.labels import AtomLabel
 
 STATE_FILENAME = "itda_builder_state.json"
+_BUILD = ConstructionSettings()
 
 
 @dataclass
@@ -49,14 +51,15 @@ class ITDATrainingSAEConfig(TrainingSAEConfig):
     """
 
     d_sae: int = 0
-    k: int = 40
-    loss_threshold: float = 4e-4
-    max_dict_size: int | None = None
-    target_dict_size: int | None = None
-    n_seed_atoms: int = 0
-    pursuit: str = "omp"
-    nonneg: bool = False
-    sink_factor: float = 10.0
+    # Construction settings: defaults are ConstructionSettings's (defined once, there).
+    k: int = _BUILD.k
+    loss_threshold: float = _BUILD.loss_threshold
+    max_dict_size: int | None = _BUILD.max_dict_size
+    target_dict_size: int | None = _BUILD.target_dict_size
+    n_seed_atoms: int = _BUILD.n_seed_atoms
+    pursuit: str = _BUILD.pursuit
+    nonneg: bool = _BUILD.nonneg
+    sink_factor: float = _BUILD.sink_factor
     checkpoint_every_tokens: int = 0
     log_to_wandb: bool = False
     apply_b_dec_to_input: bool = False
@@ -269,9 +272,8 @@ class ITDATrainingRunner:
         """Write the dictionary and the builder's position in the stream (atomically, file by file)."""
         path = Path(self.cfg.checkpoint_path) / f"{self.builder.tokens_seen}"
         self.to_itda().save_model(path)
-        tmp = path / (STATE_FILENAME + ".tmp")
-        tmp.write_text(json.dumps(self.builder.state()))
-        tmp.replace(path / STATE_FILENAME)
+        with atomic_file(path / STATE_FILENAME) as tmp:
+            tmp.write_text(json.dumps(self.builder.state()))
         return path
 
     def _load_checkpoint(self, path: Path) -> None:

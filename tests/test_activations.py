@@ -8,8 +8,8 @@ from sae_lens_itda.sources.activations import (
     Activations,
     cached_activations,
     collect_activations,
-    sink_mask,
 )
+from sae_lens_itda.core.sinks import sink_mask
 from sae_lens_itda.sources.corpora import load_token_dataset
 
 HOOK = "blocks.15.hook_resid_post"

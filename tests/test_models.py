@@ -1,21 +1,32 @@
 """The embedded models load offline, predict sensibly, match HF, and their cache heals itself."""
 
 import importlib.util
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from sae_lens_itda.io import cache
+from sae_lens_itda.io.cache import MARKER, cache_problem, cached_dir
 from sae_lens_itda.sources import models
 from sae_lens_itda.sources.models import (
     EMBEDDED_MODELS,
-    MARKER,
     EmbeddedModelMissingError,
-    cache_problem,
-    cached_dir,
     load_hf_model,
     load_model,
 )
+
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (a killed writer)."""
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
 
 SENTENCE = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"
 
@@ -134,7 +145,7 @@ def test_cache_entry_is_atomic_and_checked(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
     # A build killed outright leaves its temp folder behind; the next build clears it.
-    (tmp_path / ".other.building-killed").mkdir()
+    (tmp_path / f".other.{socket.gethostname()}-{_dead_pid()}.killed.tmp").mkdir()
     cached_dir(tmp_path / "other", _fake_build, "fake model")
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
@@ -163,6 +174,6 @@ def test_corrupt_cache_is_rebuilt_with_warning(tmp_path, damage):
 
 def test_embedded_cache_lives_in_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("SAE_LENS_ITDA_CACHE", str(tmp_path / "c"))
-    assert models.cache_dir() == tmp_path / "c"
+    assert cache.cache_dir() == tmp_path / "c"
     monkeypatch.delenv("SAE_LENS_ITDA_CACHE")
-    assert models.cache_dir().name == "sae_lens_itda"
+    assert cache.cache_dir().name == "sae_lens_itda"

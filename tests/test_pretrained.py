@@ -14,13 +14,13 @@ from sae_lens.loading import pretrained_saes_directory
 import sae_lens_itda  # noqa: F401  (registers the architecture)
 from sae_lens_itda import ITDA
 from sae_lens_itda.io.pretrained import (
-    check_compatible,
     list_pretrained,
     load_pretrained,
     pretrained_dir,
     register_pretrained,
     unregister_pretrained,
 )
+from sae_lens_itda.sources.hooks import check_compatible
 
 REGISTRY = pretrained_dir() / "pretrained_itdas.yaml"
 ENTRIES = [

@@ -24,6 +24,7 @@ import torch
 
 from sae_lens_itda.core import pursuit
 from sae_lens_itda.core.labels import AtomLabel
+from sae_lens_itda.core.sinks import SINK_FACTOR, norm_outliers
 
 _GROUP = 32  # candidates re-tested together; smaller is closer to one-at-a-time, and slower
 _PACING_ROUNDS = 8  # extra passes per batch, at most, when pacing towards a target size
@@ -40,7 +41,7 @@ class ConstructionSettings:
     n_seed_atoms: int = 0
     pursuit: str = "omp"
     nonneg: bool = False
-    sink_factor: float = 10.0
+    sink_factor: float = SINK_FACTOR
     exclude_first_position: bool = True
 
 
@@ -112,8 +113,7 @@ class Builder:
         norms = acts.norm(dim=-1)
         ok &= norms > 0
         if ok.any():
-            median = norms[ok].median()
-            ok &= norms <= self.settings.sink_factor * median
+            ok &= ~norm_outliers(norms, ok, self.settings.sink_factor)
         return ok
 
     def add_batch(self, acts: torch.Tensor, tokens: torch.Tensor | None, make_label, batches_left: int = 1) -> BatchStats:

@@ -49,7 +49,7 @@ def evaluate(
     ce_batch_prompts: int = 8,
 ) -> dict[str, Any]:
     """Reconstruction on held-out activations (with and without sinks) plus CE-loss/KL scores."""
-    from sae_lens_itda.io.pretrained import check_compatible
+    from sae_lens_itda.sources.hooks import check_compatible
 
     check_compatible(sae, model)
     hook = sae.cfg.metadata.hook_name

@@ -150,7 +150,7 @@ def local_text_dataset(corpus: str = "shakespeare", split: str = "test") -> Path
     SAELens's ``ActivationsStore``) tokenizes. The default is the held-out Shakespeare works.
     """
     from sae_lens_itda.sources.corpora import load_documents
-    from sae_lens_itda.sources.models import cache_dir, cached_dir
+    from sae_lens_itda.io.cache import cache_dir, cached_dir
 
     def build(tmp: Path) -> None:
         load_documents(corpus, split).to_json(tmp / "documents.jsonl")

@@ -30,7 +30,8 @@ from typing import Any
 from huggingface_hub import HfApi, ModelCard, ModelCardData, hf_hub_download
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 
-from sae_lens_itda.io.pretrained import check_itda_cfg
+from sae_lens_itda.io import format as saved_format
+from sae_lens_itda.io.format import check_itda_cfg
 
 EVAL_FILENAME = "eval.json"  # metrics beside a dictionary (written by `sae-lens-itda demo`, pretrained/build.py)
 CARD_TAGS = ["itda", "sae_lens", "sae-lens-itda", "sparse-dictionary", "interpretability"]
@@ -248,6 +249,25 @@ def _fmt(v: Any) -> str:
 # --- downloading --------------------------------------------------------------------------
 
 
+def download(
+    repo_id: str,
+    folder: str,
+    revision: str | None = None,
+    token: str | None = None,
+    force_download: bool = False,
+) -> Path:
+    """Download one dictionary folder of a Hub repository into the Hub cache; returns the local folder.
+
+    ``cfg.json`` comes first and is checked, so a folder holding another architecture fails
+    before its weights download. Works offline (``HF_HUB_OFFLINE=1``) once cached.
+    """
+    kw = dict(revision=revision, token=token, force_download=force_download)
+    cfg_path = Path(hf_hub_download(repo_id, f"{folder}/{SAE_CFG_FILENAME}", **kw))
+    check_itda_cfg(saved_format.read_cfg(cfg_path.parent), f"{repo_id}/{folder}")
+    hf_hub_download(repo_id, f"{folder}/{SAE_WEIGHTS_FILENAME}", **kw)
+    return cfg_path.parent
+
+
 def load_from_hub(
     repo_id: str,
     folder: str,
@@ -259,17 +279,11 @@ def load_from_hub(
 ):
     """One ITDA from a Hub repository (any ``revision``: branch, tag or commit), via the Hub cache.
 
-    Like ``SAE.from_pretrained(repo_id, folder)`` (which always reads ``main``), but checks
-    ``cfg.json`` before downloading the weights, so a folder holding another architecture fails
-    with a clear error.
+    Like ``SAE.from_pretrained(repo_id, folder)`` (which always reads ``main``), with the
+    checks of :func:`download`.
     """
-    from sae_lens_itda.itda import ITDA
-
-    kw = dict(revision=revision, token=token, force_download=force_download)
-    cfg_path = Path(hf_hub_download(repo_id, f"{folder}/{SAE_CFG_FILENAME}", **kw))
-    check_itda_cfg(json.loads(cfg_path.read_text()), f"{repo_id}/{folder}")
-    hf_hub_download(repo_id, f"{folder}/{SAE_WEIGHTS_FILENAME}", **kw)
-    return ITDA.load_from_disk(cfg_path.parent, device=device, dtype=dtype)
+    local = download(repo_id, folder, revision=revision, token=token, force_download=force_download)
+    return saved_format.load(local, device=device, dtype=dtype)
 
 
 # --- command line -------------------------------------------------------------------------

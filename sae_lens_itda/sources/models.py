@@ -18,26 +18,21 @@ Any other name goes unchanged to SAELens's ``load_model`` (online: GPT-2, Pythia
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import json
 import logging
-import os
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from filelock import FileLock
+
+from sae_lens_itda.io.cache import cache_dir, cached_dir
 
 logger = logging.getLogger(__name__)
-
-MARKER = ".complete.json"  # written last: a directory without it is a half-finished build
-_MARKER_VERSION = 1
 
 
 class EmbeddedModelMissingError(ImportError):
@@ -72,101 +67,6 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         description="Gemma-3-270m base, Q4_K_M GGUF dequantised to fp32 (Gemma terms of use)",
     ),
 }
-
-
-# --------------------------------------------------------------------------------------------
-# The cache directory and atomic, self-checking cache entries (also used by data/activations).
-
-
-def cache_dir() -> Path:
-    """The per-user cache folder: ``$SAE_LENS_ITDA_CACHE``, else ``~/.cache/sae_lens_itda``."""
-    env = os.environ.get("SAE_LENS_ITDA_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "sae_lens_itda"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _write_marker(folder: Path) -> None:
-    files = {}
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            files[p.relative_to(folder).as_posix()] = {
-                "size": p.stat().st_size,
-                "sha256": _sha256(p),
-            }
-    (folder / MARKER).write_text(json.dumps({"version": _MARKER_VERSION, "files": files}, indent=1))
-
-
-def cache_problem(folder: Path, check_hashes: bool = False) -> str | None:
-    """Why the cache entry ``folder`` cannot be used, or None if it looks complete.
-
-    Always checks the completion marker, every file's size and every safetensors header (cheap);
-    with ``check_hashes`` also every file's sha256 (reads everything).
-    """
-    if not folder.is_dir():
-        return "missing"
-    try:
-        files = json.loads((folder / MARKER).read_text())["files"]
-    except (OSError, ValueError, KeyError):
-        return f"no readable completion marker {MARKER}"
-    for rel, meta in files.items():
-        p = folder / rel
-        if not p.is_file():
-            return f"{rel} is missing"
-        if p.stat().st_size != meta["size"]:
-            return f"{rel} has {p.stat().st_size} bytes, expected {meta['size']}"
-        if check_hashes and _sha256(p) != meta["sha256"]:
-            return f"{rel} has the wrong sha256"
-        if p.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            try:
-                with safe_open(str(p), framework="pt") as f:
-                    f.keys()
-            except Exception as e:  # noqa: BLE001 - any failure to parse means unusable
-                return f"{rel} is not a readable safetensors file ({e})"
-    return None
-
-
-def cached_dir(
-    folder: Path, build: Callable[[Path], None], what: str, check_hashes: bool = False
-) -> Path:
-    """Return ``folder``, first building it with ``build(tmp_dir)`` unless a complete copy exists.
-
-    The build writes into a temporary sibling folder, which gets a completion marker (sizes
-    and sha256 of every file) and is then renamed into place, so readers never see a half-written
-    entry. A file lock keeps two processes from building the same entry at once. An existing
-    entry that fails :func:`cache_problem` is rebuilt with a warning.
-    """
-    if cache_problem(folder, check_hashes) is None:
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder) + ".lock"):
-        problem = cache_problem(folder, check_hashes)  # another process may have just built it
-        if problem is None:
-            return folder
-        if folder.exists():
-            warnings.warn(
-                f"The cached {what} at {folder} is unusable ({problem}); rebuilding it.",
-                stacklevel=2,
-            )
-            shutil.rmtree(folder)
-        for stale in folder.parent.glob(f".{folder.name}.building-*"):  # from a killed build
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.building-", dir=folder.parent))
-        try:
-            build(tmp)
-            _write_marker(tmp)
-            os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folder
 
 
 # --------------------------------------------------------------------------------------------
