@@ -1,8 +1,13 @@
-"""Command line: ``sae-lens-itda train CONFIG.yaml``, ``sae-lens-itda eval DIR``, ``sae-lens-itda demo``."""
+"""The command line: ``sae-lens-itda COMMAND ...`` (also ``python -m sae_lens_itda``).
+
+Every workflow is a subcommand. Each command's module provides ``add_arguments(parser)`` and
+``run(args)``; this file assembles them and defines the build commands (train, demo, eval).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -13,6 +18,14 @@ import yaml
 from sae_lens import LanguageModelSAERunnerConfig
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "smollm2-135m-resid15.yaml"
+
+# name -> (module with add_arguments/run, help). train, demo and eval are defined below.
+COMMANDS = {
+    "compare": ("sae_lens_itda.experiments.compare", "ITDAs beside SAELens TopK SAEs on the same tokens: table and plots"),
+    "layer-matching": ("sae_lens_itda.analysis.layer_matching", "layer-by-layer similarity of two or more models"),
+    "publish": ("sae_lens_itda.io.hub", "publish saved ITDA dictionaries on the Hugging Face Hub"),
+    "saebench": ("sae_lens_itda.evaluation.saebench", "run a SAEBench eval on ITDAs and SAELens SAEs"),
+}
 
 
 def load_runner_config(path: str | Path, **overrides: Any) -> LanguageModelSAERunnerConfig:
@@ -87,36 +100,42 @@ def demo(args: argparse.Namespace) -> None:
         print(f"\nMetrics written to {out}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    import sae_lens_itda  # noqa: F401  (registers the architecture)
+def _add_build_arguments(sp: argparse.ArgumentParser, demo: bool) -> None:
+    sp.add_argument("config", nargs="?" if demo else None, default=None)
+    sp.add_argument("--training-tokens", type=int, default=None)
+    sp.add_argument("--output-path", default=None)
+    sp.add_argument("--resume-from", default=None, help="a checkpoint folder written by a previous run")
+    # Demo defaults keep the whole command near 10 minutes on 2 CPU cores.
+    sp.add_argument("--eval-tokens", type=int, default=8_000)
+    sp.add_argument("--ce-batches", type=int, default=4, help="held-out batches of 8 windows for CE/KL")
 
-    p = argparse.ArgumentParser(prog="sae-lens-itda", description=__doc__)
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sae-lens-itda", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, fn, hlp in (("train", train, "build an ITDA from a YAML config"),
                           ("demo", demo, "build and evaluate an ITDA on SmolLM2-135M offline")):
         sp = sub.add_parser(name, help=hlp)
-        sp.add_argument("config", nargs="?" if name == "demo" else None, default=None)
-        sp.add_argument("--training-tokens", type=int, default=None)
-        sp.add_argument("--output-path", default=None)
-        sp.add_argument("--resume-from", default=None, help="a checkpoint folder written by a previous run")
-        # Demo defaults keep the whole command near 10 minutes on 2 CPU cores.
-        sp.add_argument("--eval-tokens", type=int, default=8_000)
-        sp.add_argument("--ce-batches", type=int, default=4, help="held-out batches of 8 windows for CE/KL")
+        _add_build_arguments(sp, demo=name == "demo")
         sp.set_defaults(fn=fn)
     ev = sub.add_parser("eval", help="evaluate a saved ITDA on held-out text")
     ev.add_argument("path")
     ev.add_argument("--eval-tokens", type=int, default=20_000)
     ev.add_argument("--ce-batches", type=int, default=10, help="held-out batches of 8 windows for CE/KL")
     ev.set_defaults(fn=evaluate_cmd)
-    from sae_lens_itda.io.hub import add_publish_arguments
+    for name, (module_name, hlp) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        sp = sub.add_parser(name, help=hlp)
+        module.add_arguments(sp)
+        sp.set_defaults(fn=module.run)
+    return p
 
-    add_publish_arguments(sub.add_parser("publish", help="publish saved ITDA dictionaries on the Hugging Face Hub"))
-    from sae_lens_itda.evaluation.saebench import add_arguments as add_saebench_arguments
 
-    add_saebench_arguments(sub.add_parser("saebench", help="run a SAEBench eval on ITDAs and SAELens SAEs"))
+def main(argv: list[str] | None = None) -> Any:
+    p = build_parser()
     args = p.parse_args(argv)
     try:
-        args.fn(args)
+        return args.fn(args)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 

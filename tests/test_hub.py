@@ -25,7 +25,8 @@ from huggingface_hub import constants
 
 import sae_lens_itda  # noqa: F401  (registers the architecture)
 from sae_lens_itda import ITDA, AtomLabel
-from sae_lens_itda.io.hub import find_dictionaries, load_from_hub, publish_main, push_folder_to_hub, push_to_hub
+from sae_lens_itda.cli import main as cli_main
+from sae_lens_itda.io.hub import find_dictionaries, load_from_hub, push_folder_to_hub, push_to_hub
 
 REPO = "alice/itda-test"
 TOKEN = "hf_test_token"
@@ -292,7 +293,7 @@ def test_create_pr_opens_a_pull_request_instead_of_committing_to_main(hub, folde
 
 
 def test_publish_command(hub, folder, capsys):
-    publish_main([str(folder), "bob/layers", "--private", "--revision", "exp", "--path-in-repo", "itdas"])
+    cli_main(["publish", str(folder), "bob/layers", "--private", "--revision", "exp", "--path-in-repo", "itdas"])
 
     commit = hub.commits[0]
     assert commit["repo"] == "bob/layers" and commit["revision"] == "exp"
@@ -334,7 +335,7 @@ def test_publishing_refuses_non_itda_and_empty_folders_before_any_request(hub, t
     with pytest.raises(ValueError, match="No dictionary"):
         find_dictionaries(tmp_path / "empty")
     with pytest.raises(SystemExit, match="No dictionary"):
-        publish_main([str(tmp_path / "empty"), REPO])
+        cli_main(["publish", str(tmp_path / "empty"), REPO])
     assert hub.requests == []
 
 

@@ -208,8 +208,6 @@ def _layer(sae: SAE) -> int:
 
 def load_sae(spec: str, device: str = "cpu") -> tuple[str, SAE]:
     """``(name, SAE)`` from ``RELEASE:SAE_ID`` (a pretrained release) or a folder saved by SAELens."""
-    import sae_lens_itda  # noqa: F401  (registers the ITDA architecture and releases)
-
     if Path(spec).is_dir():
         sae = SAE.load_from_disk(spec, device=device)
         return f"{sae.cfg.metadata.model_name}-{sae.cfg.architecture()}-{Path(spec).resolve().name}", sae
@@ -329,10 +327,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="absorption: a fixed random sample of this many vocabulary words (default: all)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                    help="override a field of the eval's SAEBench config, e.g. --set min_feats_for_eval=5")
-    p.set_defaults(fn=main)
+    p.set_defaults(fn=run)
 
 
-def main(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> None:
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")

@@ -12,8 +12,7 @@ Downloads go through the Hub cache (``hf_hub_download``), so they work offline o
 (``HF_HUB_OFFLINE=1``). The token comes from the usual places (``HF_TOKEN``, ``hf auth login``)
 unless given.
 
-Command line: ``sae-lens-itda-publish FOLDER REPO_ID [--private] [--revision R] [--path-in-repo P]``
-(:func:`publish_main`).
+Command line: ``sae-lens-itda publish FOLDER REPO_ID [--private] [--revision R] [--path-in-repo P]``.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import argparse
 import json
 import re
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -289,21 +287,8 @@ def load_from_hub(
 # --- command line -------------------------------------------------------------------------
 
 
-def publish_main(argv: list[str] | None = None) -> None:
-    """``sae-lens-itda-publish FOLDER REPO_ID [--private] [--revision R] [--path-in-repo P]``."""
-    import sae_lens_itda  # noqa: F401  (registers the architecture)
-
-    p = argparse.ArgumentParser(
-        prog="sae-lens-itda-publish",
-        description="Publish a folder of ITDA dictionaries (SAELens layout, one subfolder each) "
-        "on the Hugging Face Hub in one commit, with a generated model card.",
-    )
-    add_publish_arguments(p)
-    run_publish(p.parse_args(argv))
-
-
-def add_publish_arguments(p: argparse.ArgumentParser) -> None:
-    """The publish command's arguments (shared by ``sae-lens-itda publish``)."""
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``sae-lens-itda publish``."""
     p.add_argument("folder", help="a saved ITDA, or a folder of them (one subfolder per dictionary)")
     p.add_argument("repo_id", help="user/repo on the Hub (created if missing)")
     p.add_argument("--private", action="store_true", help="create the repository as private")
@@ -312,15 +297,12 @@ def add_publish_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to main")
     p.add_argument("--commit-message", default=None)
     p.add_argument("--no-model-card", action="store_true", help="do not generate README.md")
-    p.set_defaults(fn=run_publish)
+    p.set_defaults(fn=run)
 
 
-def run_publish(args: argparse.Namespace) -> None:
-    try:
-        info = push_folder_to_hub(
-            args.folder, args.repo_id, path_in_repo=args.path_in_repo, private=args.private, revision=args.revision,
-            commit_message=args.commit_message, create_pr=args.create_pr, model_card=not args.no_model_card,
-        )
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+def run(args: argparse.Namespace) -> None:
+    info = push_folder_to_hub(
+        args.folder, args.repo_id, path_in_repo=args.path_in_repo, private=args.private, revision=args.revision,
+        commit_message=args.commit_message, create_pr=args.create_pr, model_card=not args.no_model_card,
+    )
     print(f"Published to {info.commit_url}" + (f" (pull request {info.pr_url})" if info.pr_url else ""))

@@ -1,24 +1,9 @@
 """Pretrained ITDA releases: SAELens's ``SAE.from_pretrained(release, sae_id)`` for ITDA.
 
-SAELens looks releases up in ``get_pretrained_saes_directory()``, a ``functools.cache``'d
-function that parses its large ``pretrained_saes.yaml`` once and returns ONE dict for the whole
-process. :func:`register_pretrained` reads this project's registry
-(``pretrained/pretrained_itdas.yaml``, same shape as SAELens's) and adds its releases to that
-dict: at once if SAELens has already built it, else when it is first built (SAELens modules'
-references to the function are pointed at a thin wrapper that merges, so importing this
-package does not pay for parsing SAELens's registry). It also registers the ``"itda"`` loader
-in SAELens's ``NAMED_PRETRAINED_SAE_LOADERS``. Then, after ``import sae_lens_itda``::
-
-    sae = SAE.from_pretrained("smollm2-135m-res-itda", "blocks.15.hook_resid_post")
-
-A release whose ``repo_id`` starts with ``./`` (or is an absolute path) is a folder on disk,
-relative to the registry file: the dictionaries stored in this repository load offline. Any
-other ``repo_id`` is a Hugging Face Hub repository, downloaded through the Hub cache.
-
-The wrapper re-merges after ``get_pretrained_saes_directory.cache_clear()``. Code that
-imported the function itself (``from ... import get_pretrained_saes_directory``) before this
-package was registered holds the unwrapped one, and sees the ITDA releases only once something
-(e.g. ``SAE.from_pretrained``) has gone through the wrapper.
+:func:`register_pretrained` merges this project's registry (``pretrained/pretrained_itdas.yaml``,
+SAELens's shape) into SAELens's cached release directory and registers the ``"itda"`` loader.
+A ``repo_id`` starting with ``./`` (or absolute) is a folder on disk, relative to the registry
+file; any other is a Hub repository. How the merge hooks into SAELens: docs/architecture.md.
 """
 
 from __future__ import annotations

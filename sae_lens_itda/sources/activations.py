@@ -133,16 +133,8 @@ def activations_cache_path(
     prepend_bos: bool = True,
 ) -> Path:
     """Where :func:`cached_activations` keeps the activations for these arguments."""
-    key = dict(
-        version=_CACHE_VERSION,
-        model=model_name,
-        hook=hook_name,
-        corpus=corpus,
-        split=split,
-        n_tokens=n_tokens,
-        context_size=context_size,
-        prepend_bos=prepend_bos,
-    )
+    key = dict(version=_CACHE_VERSION, model=model_name, hook=hook_name, corpus=corpus, split=split,
+               n_tokens=n_tokens, context_size=context_size, prepend_bos=prepend_bos)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     stem = f"{corpus}-{split}-{hook_name}-{n_tokens}tok-ctx{context_size}-{digest}"
     return cache_dir() / "activations" / model_name.replace("/", "__") / f"{stem}.safetensors"
@@ -169,31 +161,17 @@ def cached_activations(
     ``sink_factor`` share one entry. Pass an already loaded ``model`` (its
     ``cfg.model_name`` must be ``model_name``) to avoid loading it again on a cache miss.
     """
-    path = activations_cache_path(
-        model_name, hook_name, corpus, split, n_tokens, context_size, prepend_bos
-    )
+    key = dict(model_name=model_name, hook_name=hook_name, corpus=corpus, split=split, n_tokens=n_tokens,
+               context_size=context_size, prepend_bos=prepend_bos)
+    path = activations_cache_path(**key)
     tensors = None
     if path.is_file():
         try:
             tensors = load_file(str(path))
         except Exception as e:  # noqa: BLE001 - a truncated or corrupt file is recomputed
-            warnings.warn(
-                f"Cached activations {path} are unreadable ({e}); recomputing them.", stacklevel=2
-            )
+            warnings.warn(f"Cached activations {path} are unreadable ({e}); recomputing them.", stacklevel=2)
     if tensors is None:
-        tensors = _compute_and_save(
-            path,
-            model_name,
-            hook_name,
-            corpus,
-            split,
-            n_tokens,
-            context_size,
-            batch_size,
-            prepend_bos,
-            model,
-            device,
-        )
+        tensors = _compute_and_save(path, key, batch_size, model, device)
     out = Activations(
         **{k: tensors[k] for k in _TENSORS},
         is_sink=sink_mask(tensors["acts"], tensors["position"], sink_factor),
@@ -201,31 +179,21 @@ def cached_activations(
     return out.without_sinks() if exclude_sinks else out
 
 
-def _compute_and_save(
-    path,
-    model_name,
-    hook_name,
-    corpus,
-    split,
-    n_tokens,
-    context_size,
-    batch_size,
-    prepend_bos,
-    model,
-    device,
-) -> dict[str, torch.Tensor]:
+def _compute_and_save(path: Path, key: dict, batch_size: int, model, device: str) -> dict[str, torch.Tensor]:
     from sae_lens_itda.sources.corpora import load_documents, tokenize_documents
     from sae_lens_itda.sources.models import load_model
 
+    name = key["model_name"]
     if model is None:
-        model = load_model(model_name, device=device)
-    elif model.cfg.model_name != model_name:
-        raise ValueError(f"model is {model.cfg.model_name!r} but model_name is {model_name!r}")
-    docs = load_documents(corpus, split)
-    windows = tokenize_documents(docs, model.tokenizer, context_size, prepend_bos=prepend_bos)
-    acts = collect_activations(model, hook_name, windows, n_tokens, batch_size, exclude_sinks=False)
+        model = load_model(name, device=device)
+    elif model.cfg.model_name != name:
+        raise ValueError(f"model is {model.cfg.model_name!r} but model_name is {name!r}")
+    docs = load_documents(key["corpus"], key["split"])
+    windows = tokenize_documents(docs, model.tokenizer, key["context_size"], prepend_bos=key["prepend_bos"])
+    acts = collect_activations(model, key["hook_name"], windows, key["n_tokens"], batch_size, exclude_sinks=False)
     tensors = {k: getattr(acts, k).contiguous() for k in _TENSORS}
-    meta = {"model": model_name, "hook": hook_name, "corpus": corpus, "split": split, "context_size": str(context_size)}
+    meta = {"model": name, "hook": key["hook_name"], "corpus": key["corpus"], "split": key["split"],
+            "context_size": str(key["context_size"])}
     with atomic_file(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
     return tensors
