@@ -18,6 +18,7 @@ import torch
 from encode_throughput import D_IN, K, load_inputs
 
 from sae_lens_itda.core import pursuit
+from sae_lens_itda.core.metrics import MetricsAccumulator
 
 
 def refit(x: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, atoms: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
@@ -35,8 +36,9 @@ def refit(x: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, atoms: torch.Te
 
 
 def explained_variance(x: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, atoms: torch.Tensor) -> float:
-    recon = pursuit.decode_sparse(idx, val, atoms)
-    return 1 - float(((x - recon) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+    acc = MetricsAccumulator()
+    acc.add(x, pursuit.decode_sparse(idx, val, atoms), (val != 0).sum(-1))
+    return acc.result()["explained_variance"]
 
 
 def main() -> None:

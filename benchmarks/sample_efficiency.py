@@ -47,19 +47,12 @@ from pathlib import Path
 
 import torch
 
+from sae_lens_itda.core.metrics import Reconstruct, check_acts, reconstruction_metrics, sae_metrics
+from sae_lens_itda.splinterp.adam import AdamTopKConfig, train_topk_adam
 from sae_lens_itda.splinterp.kmeans_pca import KMeansPCAAutoencoder
-from sae_lens_itda.splinterp.metrics import check_acts, reconstruction_metrics
-from sae_lens_itda.splinterp.pam_sgd import (
-    AdamTopKConfig,
-    PAMSGDConfig,
-    evaluate_sae,
-    train_pam_sgd,
-    train_topk_adam,
-)
+from sae_lens_itda.splinterp.pam_sgd import PAMSGDConfig, train_pam_sgd
 from sae_lens_itda.splinterp.synthetic import make_sparse_data
 
-# (x_chunk [n, d]) -> (x_hat [n, d], per-token L0 tensor [n] or one float)
-Reconstruct = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | float]]
 # (train_subset [N, d], k) -> Reconstruct
 MethodFactory = Callable[[torch.Tensor, int], Reconstruct]
 
@@ -221,14 +214,14 @@ def run_benchmark(
             cfg = PAMSGDConfig(d_in=d, d_sae=d_sae, k=k, n_epochs=n_epochs, batch_size=bs,
                                encoder_lr=lr, seed=seed, device=device, **(pam_overrides or {}))
             sae = train_pam_sgd(sub, cfg, progress=progress)
-            res = evaluate_sae(sae, test)
+            res = sae_metrics(sae, test)
             add(Row(n, "pam_sgd", lr, res["mse"], res["explained_variance"], res["l0"], time.perf_counter() - t0))
         for lr in adam_lrs:
             t0 = time.perf_counter()
             cfg_a = AdamTopKConfig(d_in=d, d_sae=d_sae, k=k, n_epochs=n_epochs, batch_size=bs,
                                    lr=lr, seed=seed, device=device)
             sae = train_topk_adam(sub, cfg_a, progress=progress)
-            res = evaluate_sae(sae, test)
+            res = sae_metrics(sae, test)
             add(Row(n, "adam", lr, res["mse"], res["explained_variance"], res["l0"], time.perf_counter() - t0))
         n_clusters = min(kmeans_clusters or d_sae, n)
         for name, assign in (("kmeans_pca", "centroid"), ("kmeans_pca_resid", "residual")) if kmeans else ():

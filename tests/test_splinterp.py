@@ -12,17 +12,11 @@ import torch
 from sae_lens import SAE
 from sae_lens.saes.topk_sae import TopKSAE
 
+from sae_lens_itda.core.metrics import reconstruction_metrics, sae_metrics
+from sae_lens_itda.splinterp.adam import AdamTopKConfig, train_topk_adam
+from sae_lens_itda.splinterp.history import HistoryPoint
 from sae_lens_itda.splinterp.kmeans_pca import KMeansPCAAutoencoder, kmeans
-from sae_lens_itda.splinterp.metrics import HistoryPoint, reconstruction_metrics
-from sae_lens_itda.splinterp.pam_sgd import (
-    AdamTopKConfig,
-    DecoderStats,
-    PAMSGDConfig,
-    evaluate_sae,
-    solve_decoder,
-    train_pam_sgd,
-    train_topk_adam,
-)
+from sae_lens_itda.splinterp.pam_sgd import DecoderStats, PAMSGDConfig, solve_decoder, train_pam_sgd
 from sae_lens_itda.splinterp.synthetic import make_affine_pieces, make_sparse_data
 
 
@@ -115,7 +109,7 @@ def test_decoder_stats_match_dense_products():
 def test_pam_sgd_recovers_planted_dictionary(planted, pam_run):
     _, test, D_true = planted
     sae, _ = pam_run
-    res = evaluate_sae(sae, test)
+    res = sae_metrics(sae, test)
     assert res["explained_variance"] > 0.95
     assert res["l0"] <= 3.0
     W = sae.W_dec.detach()
@@ -132,7 +126,7 @@ def test_pam_sgd_history(planted, pam_run):
     assert len(history) >= 5
     assert history[-1].explained_variance > history[0].explained_variance
     # the trainer's own forward pass must agree with the TopKSAE it returns
-    final = evaluate_sae(sae, test)
+    final = sae_metrics(sae, test)
     assert history[-1].explained_variance == pytest.approx(final["explained_variance"], abs=1e-5)
     assert history[-1].l0 == pytest.approx(final["l0"])
 
@@ -171,7 +165,7 @@ def test_adam_baseline_trains_and_loads(tmp_path: Path):
     assert isinstance(sae, TopKSAE)
     assert history[0].tokens_seen == 0 and history[-1].tokens_seen == 2 * 2_432
     assert history[-1].explained_variance > history[0].explained_variance + 0.3
-    final = evaluate_sae(sae, X[2_500:])
+    final = sae_metrics(sae, X[2_500:])
     # the folded inference SAE reproduces the training SAE's held-out metrics
     assert final["explained_variance"] == pytest.approx(history[-1].explained_variance, abs=1e-4)
     sae.save_model(tmp_path / "adam")

@@ -9,33 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from sae_lens.evals import EvalConfig, run_evals
 from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.activations_store import ActivationsStore
 
+# reconstruction_metrics(sae, acts) is core.metrics.sae_metrics, the one definition of the metrics
+from sae_lens_itda.core.metrics import sae_metrics as reconstruction_metrics
 from sae_lens_itda.sources.activations import cached_activations, window_dataset_store
 
-
-@torch.no_grad()
-def reconstruction_metrics(sae, acts: torch.Tensor, batch_size: int = 2048) -> dict[str, float]:
-    """Explained variance (1 - SSE / total variance about the mean), cosine, MSE and L0."""
-    sse, l0, cos = 0.0, 0.0, 0.0
-    for s in range(0, len(acts), batch_size):
-        x = acts[s : s + batch_size]
-        if hasattr(sae, "encode_sparse"):
-            idx, val = sae.encode_sparse(x)
-            recon = sae.decode_sparse(idx, val)
-            l0 += float((val != 0).sum())
-        else:
-            feats = sae.encode(x)
-            recon = sae.decode(feats)
-            l0 += float((feats != 0).sum())
-        sse += float(((x - recon) ** 2).sum())
-        cos += float(torch.nn.functional.cosine_similarity(x, recon, dim=1).sum())
-    n = len(acts)
-    total = float(((acts - acts.mean(0)) ** 2).sum())
-    return {"explained_variance": 1 - sse / total, "mse": sse / (n * acts.shape[1]), "cossim": cos / n, "l0": l0 / n, "n_tokens": n}
+__all__ = ["ce_and_kl", "evaluate", "reconstruction_metrics"]
 
 
 def evaluate(

@@ -2,11 +2,15 @@
 
 Public API (imported lazily so that ``kmeans_pca`` does not pull in SAELens):
 
-* :class:`PAMSGDConfig`, :func:`train_pam_sgd`, :func:`solve_decoder` (``pam_sgd``)
-* :class:`AdamTopKConfig`, :func:`train_topk_adam` (SAELens's own TopK trainer, ``pam_sgd``)
-* :func:`evaluate_sae`, :class:`HistoryPoint`, :func:`reconstruction_metrics`
+* :class:`PAMSGDConfig`, :func:`train_pam_sgd`, :func:`solve_decoder`, :class:`DecoderStats`
+  (``pam_sgd``)
+* :class:`AdamTopKConfig`, :func:`train_topk_adam` (SAELens's own TopK trainer, ``adam``)
+* :func:`iter_batches` (the batch stream both trainers share, ``batches``)
+* :class:`HistoryPoint` (held-out evaluations recorded during training, ``history``)
 * :class:`KMeansPCAAutoencoder`, :func:`kmeans` (``kmeans_pca``)
 * :func:`make_sparse_data`, :func:`make_affine_pieces` (``synthetic``)
+
+Reconstruction metrics are :mod:`sae_lens_itda.core.metrics` (``sae_metrics`` for an SAE).
 """
 
 from __future__ import annotations
@@ -16,15 +20,13 @@ from typing import Any
 
 _EXPORTS = {
     "PAMSGDConfig": "pam_sgd",
-    "AdamTopKConfig": "pam_sgd",
     "DecoderStats": "pam_sgd",
     "train_pam_sgd": "pam_sgd",
-    "train_topk_adam": "pam_sgd",
     "solve_decoder": "pam_sgd",
-    "evaluate_sae": "pam_sgd",
-    "iter_batches": "pam_sgd",
-    "HistoryPoint": "metrics",
-    "reconstruction_metrics": "metrics",
+    "AdamTopKConfig": "adam",
+    "train_topk_adam": "adam",
+    "iter_batches": "batches",
+    "HistoryPoint": "history",
     "KMeansPCAAutoencoder": "kmeans_pca",
     "kmeans": "kmeans_pca",
     "make_sparse_data": "synthetic",

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from sae_lens_itda.splinterp.metrics import check_acts, reconstruction_metrics
+from sae_lens_itda.core.metrics import check_acts, reconstruction_metrics
 
 __all__ = ["KMeansPCAAutoencoder", "kmeans"]
 
@@ -282,7 +282,8 @@ class KMeansPCAAutoencoder:
 
     def metrics(self, x: torch.Tensor, batch_size: int = 4096) -> dict[str, float]:
         """``dict(mse, explained_variance, fvu, l0)`` on ``x``; ``l0`` is ``rank + 1``."""
-        return reconstruction_metrics(x, lambda chunk: (self.reconstruct(chunk), float(self.l0)), batch_size)
+        res = reconstruction_metrics(x, lambda chunk: (self.reconstruct(chunk), float(self.l0)), batch_size)
+        return {key: res[key] for key in ("mse", "explained_variance", "fvu", "l0")}
 
     def save(self, path: str | Path) -> None:
         """Write ``means``/``bases`` and the settings to one safetensors file."""

@@ -14,47 +14,24 @@ decoder once the codes are fixed, so PAM-SGD alternates
 
 The result is an ordinary SAELens :class:`~sae_lens.saes.topk_sae.TopKSAE` (untied weights,
 ``rescale_acts_by_decoder_norm=False``) that saves/loads with ``save_model`` /
-``SAE.load_from_disk``.
-
-The Adam baseline :func:`train_topk_adam` trains SAELens's own ``TopKTrainingSAE`` with
-SAELens's own ``SAETrainer`` step (its ``training_forward_pass`` loss incl. the TopK aux
-loss, Adam, grad clipping, dead-latent tracking, decoder-norm rescaling) unchanged, on the
-same batch stream: it is SAELens's recipe as shipped, not a re-implementation.
+``SAE.load_from_disk``. The Adam baseline is :mod:`sae_lens_itda.splinterp.adam`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from sae_lens.saes.sae import SAEMetadata
-from sae_lens.saes.topk_sae import (
-    TopKSAE,
-    TopKSAEConfig,
-    TopKTrainingSAE,
-    TopKTrainingSAEConfig,
-)
+from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 from tqdm.auto import tqdm
 
-from sae_lens_itda.splinterp.metrics import HistoryPoint, check_acts, reconstruction_metrics
+from sae_lens_itda.splinterp.batches import Acts, training_batches
+from sae_lens_itda.splinterp.history import Callback, HistoryPoint, Recorder
 
-Acts = torch.Tensor | Iterable[torch.Tensor]
-Callback = Callable[[HistoryPoint], None]
-
-__all__ = [
-    "AdamTopKConfig",
-    "DecoderStats",
-    "HistoryPoint",
-    "PAMSGDConfig",
-    "evaluate_sae",
-    "iter_batches",
-    "solve_decoder",
-    "train_pam_sgd",
-    "train_topk_adam",
-]
+__all__ = ["DecoderStats", "PAMSGDConfig", "check_sizes", "solve_decoder", "train_pam_sgd"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -62,7 +39,8 @@ __all__ = [
 # ---------------------------------------------------------------------------------------
 
 
-def _check_sizes(d_in: int, d_sae: int, k: int, batch_size: int, n_epochs: int) -> None:
+def check_sizes(d_in: int, d_sae: int, k: int, batch_size: int, n_epochs: int) -> None:
+    """The size checks shared by :class:`PAMSGDConfig` and the Adam baseline's config."""
     if d_in <= 0 or d_sae <= 0:
         raise ValueError(f"d_in and d_sae must be positive, got {d_in}, {d_sae}")
     if not 0 < k <= d_sae:
@@ -132,7 +110,7 @@ class PAMSGDConfig:
     sae_metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _check_sizes(self.d_in, self.d_sae, self.k, self.batch_size, self.n_epochs)
+        check_sizes(self.d_in, self.d_sae, self.k, self.batch_size, self.n_epochs)
         if self.encoder_steps_per_decoder_solve <= 0:
             raise ValueError("encoder_steps_per_decoder_solve must be positive")
         for name in ("decoder_prox", "encoder_prox", "ridge", "encoder_lr"):
@@ -141,127 +119,6 @@ class PAMSGDConfig:
                 raise ValueError(f"{name} must be finite and >= 0, got {value}")
         if self.solve_dtype not in ("float64", "float32"):
             raise ValueError(f"solve_dtype must be 'float64' or 'float32', got {self.solve_dtype!r}")
-
-
-@dataclass
-class AdamTopKConfig:
-    """Hyper-parameters of :func:`train_topk_adam` (SAELens's TopK trainer).
-
-    Defaults are SAELens's (``TopKTrainingSAEConfig`` / ``SAETrainerConfig``) except
-    ``init_b_dec_to_mean``, which matches :class:`PAMSGDConfig` so both start alike.
-
-    Args:
-        d_in, d_sae, k, n_epochs, max_steps, batch_size, apply_b_dec_to_input, seed,
-            device, sae_metadata: As in :class:`PAMSGDConfig`.
-        lr: Adam learning rate (constant schedule).
-        adam_beta1, adam_beta2: Adam betas.
-        aux_loss_coefficient: Weight of SAELens's TopK auxiliary (dead-latent) loss.
-        dead_feature_window: Steps without firing after which SAELens counts a latent as
-            dead (and feeds it to the aux loss).
-        rescale_acts_by_decoder_norm: SAELens's TopK option (selection by
-            ``pre * ||W_dec row||``); folded away in the returned inference SAE.
-        decoder_init_norm: SAELens's decoder initial row norm.
-        init_b_dec_to_mean: Initialise ``b_dec`` to the mean of the first batch (SAELens
-            itself starts at zero).
-    """
-
-    d_in: int
-    d_sae: int
-    k: int
-    n_epochs: int = 1
-    max_steps: int | None = None
-    batch_size: int = 1024
-    lr: float = 3e-4
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    aux_loss_coefficient: float = 1.0
-    dead_feature_window: int = 1000
-    rescale_acts_by_decoder_norm: bool = True
-    decoder_init_norm: float | None = 0.1
-    apply_b_dec_to_input: bool = True
-    init_b_dec_to_mean: bool = True
-    seed: int = 0
-    device: str = "cpu"
-    sae_metadata: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        _check_sizes(self.d_in, self.d_sae, self.k, self.batch_size, self.n_epochs)
-        if not math.isfinite(self.lr) or self.lr <= 0:
-            raise ValueError(f"lr must be finite and > 0, got {self.lr}")
-
-
-# ---------------------------------------------------------------------------------------
-# Data stream
-# ---------------------------------------------------------------------------------------
-
-
-def iter_batches(
-    acts: Acts,
-    batch_size: int,
-    d_in: int,
-    n_epochs: int = 1,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-) -> Iterator[torch.Tensor]:
-    """Yield float32 batches ``[<= batch_size, d_in]`` on ``device``.
-
-    A tensor ``[n_tokens, d_in]`` is reshuffled (seeded) for each of ``n_epochs`` passes;
-    each pass drops the last ``n_tokens % batch_size`` tokens of its shuffle. Any other
-    iterable yields tensors of shape ``[..., d_in]``, which are flattened and re-cut into
-    ``batch_size`` tokens (the final batch may be smaller); a re-iterable (e.g. a list) is
-    passed over ``n_epochs`` times, a one-shot iterator once. Non-finite values raise
-    ``ValueError``.
-    """
-    if isinstance(acts, torch.Tensor):
-        check_acts(acts, d_in)
-        g = torch.Generator().manual_seed(seed)
-        n = acts.shape[0]
-        # drop each epoch's ragged tail (unless the data is smaller than one batch): a tiny
-        # batch still gets a full-size Adam step, which visibly jolts the encoder
-        n_used = n if n < batch_size else n - n % batch_size
-        for _ in range(n_epochs):
-            perm = torch.randperm(n, generator=g)
-            for start in range(0, n_used, batch_size):
-                yield acts[perm[start : start + batch_size]].to(device, torch.float32)
-        return
-    one_shot = iter(acts) is acts
-    for _ in range(1 if one_shot else n_epochs):
-        buffer: list[torch.Tensor] = []
-        n_buffered = 0
-        for item in acts:
-            if not isinstance(item, torch.Tensor) or item.shape[-1] != d_in:
-                shape = tuple(item.shape) if isinstance(item, torch.Tensor) else type(item).__name__
-                raise ValueError(f"expected tensors of shape [..., {d_in}], got {shape}")
-            item = item.reshape(-1, d_in)
-            if not torch.isfinite(item).all():
-                raise ValueError("activation batch contains NaN or inf")
-            buffer.append(item)
-            n_buffered += item.shape[0]
-            while n_buffered >= batch_size:
-                flat = torch.cat(buffer)
-                yield flat[:batch_size].to(device, torch.float32)
-                buffer, n_buffered = [flat[batch_size:]], flat.shape[0] - batch_size
-        if n_buffered > 0:
-            yield torch.cat(buffer).to(device, torch.float32)
-
-
-def _capped(batches: Iterator[torch.Tensor], max_steps: int | None) -> Iterator[torch.Tensor]:
-    for step, batch in enumerate(batches):
-        if max_steps is not None and step >= max_steps:
-            return
-        yield batch
-
-
-def _total_tokens(acts: Acts, batch_size: int, n_epochs: int, max_steps: int | None) -> int | None:
-    """Tokens the stream will yield, if knowable (for progress bars / SAELens's scheduler)."""
-    total = None
-    if isinstance(acts, torch.Tensor):
-        n = acts.shape[0]
-        total = (n if n < batch_size else n - n % batch_size) * n_epochs
-    if max_steps is not None:
-        cap = max_steps * batch_size
-        total = cap if total is None else min(total, cap)
-    return total
 
 
 # ---------------------------------------------------------------------------------------
@@ -481,65 +338,6 @@ def _topk_sae(
     return sae.eval()
 
 
-@torch.no_grad()
-def evaluate_sae(sae: torch.nn.Module, x: torch.Tensor, batch_size: int = 4096) -> dict[str, float]:
-    """Held-out ``mse``, ``explained_variance``, ``fvu``, ``l0`` of any SAELens SAE on ``x``."""
-    device = next(sae.parameters()).device
-
-    def recon(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        chunk = chunk.to(device, torch.float32)
-        z = sae.encode(chunk)  # type: ignore[operator]
-        if z.is_sparse:
-            z = z.to_dense()
-        return sae.decode(z), (z != 0).sum(-1)  # type: ignore[operator]
-
-    return reconstruction_metrics(x, recon, batch_size)
-
-
-class _Recorder:
-    """Evaluates on held-out data every ``eval_every_tokens`` tokens (and at start/end)."""
-
-    def __init__(
-        self,
-        eval_acts: torch.Tensor | None,
-        eval_every_tokens: int | None,
-        history: list[HistoryPoint] | None,
-        callback: Callback | None,
-        d_in: int,
-    ) -> None:
-        if eval_acts is not None:
-            check_acts(eval_acts, d_in, name="eval_acts")
-        if eval_every_tokens is not None and eval_every_tokens <= 0:
-            raise ValueError("eval_every_tokens must be positive")
-        self.eval_acts = eval_acts
-        self.every = eval_every_tokens
-        self.history = history
-        self.callback = callback
-        self.next_at = 0
-        self.last_at = -1
-
-    @property
-    def active(self) -> bool:
-        return self.eval_acts is not None and (self.history is not None or self.callback is not None)
-
-    def maybe(self, tokens: int, recon: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], force: bool = False) -> None:
-        if not self.active or tokens == self.last_at:
-            return
-        if not force and (self.every is None or tokens < self.next_at):
-            return
-        assert self.eval_acts is not None
-        res = reconstruction_metrics(self.eval_acts, recon)
-        point = HistoryPoint(tokens, res["mse"], res["explained_variance"], res["l0"])
-        self.last_at = tokens
-        if self.every is not None:
-            while self.next_at <= tokens:
-                self.next_at += self.every
-        if self.history is not None:
-            self.history.append(point)
-        if self.callback is not None:
-            self.callback(point)
-
-
 def train_pam_sgd(
     acts: Acts,
     cfg: PAMSGDConfig,
@@ -554,7 +352,8 @@ def train_pam_sgd(
 
     Args:
         acts: Training activations: a tensor ``[n_tokens, d_in]`` (shuffled, ``n_epochs``
-            passes) or an iterable of tensors ``[..., d_in]`` (see :func:`iter_batches`).
+            passes) or an iterable of tensors ``[..., d_in]`` (see
+            :func:`~sae_lens_itda.splinterp.batches.iter_batches`).
         cfg: Hyper-parameters, see :class:`PAMSGDConfig`.
         progress: Show a tqdm bar.
         eval_acts: Held-out activations ``[n, d_in]`` for the history.
@@ -572,9 +371,10 @@ def train_pam_sgd(
     """
     device = torch.device(cfg.device)
     state = _PAMState(cfg, device)
-    recorder = _Recorder(eval_acts, eval_every_tokens, history, callback, cfg.d_in)
-    batches = _capped(iter_batches(acts, cfg.batch_size, cfg.d_in, cfg.n_epochs, cfg.seed, device), cfg.max_steps)
-    total = _total_tokens(acts, cfg.batch_size, cfg.n_epochs, cfg.max_steps)
+    recorder = Recorder(eval_acts, eval_every_tokens, history, callback, cfg.d_in)
+    batches, total = training_batches(
+        acts, cfg.batch_size, cfg.d_in, cfg.n_epochs, cfg.max_steps, cfg.seed, device
+    )
     pbar = tqdm(total=total, desc="PAM-SGD", disable=not progress, unit="tok")
     tokens = 0
     first = True
@@ -591,8 +391,7 @@ def train_pam_sgd(
             if cfg.init_b_dec_to_mean:
                 state.b_dec = torch.cat(window).mean(0)
             _decoder_step(state, window, cfg)
-            with torch.no_grad():
-                recorder.maybe(0, recon, force=True)
+            recorder.maybe(0, recon, force=True)
             first = False
         prev = (state.W_enc.detach().clone(), state.b_enc.detach().clone())
         for x in window:
@@ -602,114 +401,11 @@ def train_pam_sgd(
         fired = _decoder_step(state, window, cfg)
         # latents silent for a whole window (not revived: see PAMSGDConfig.ridge)
         pbar.set_postfix(loss=f"{loss:.4g}", silent=int((fired == 0).sum()))
-        with torch.no_grad():
-            recorder.maybe(tokens, recon)
+        recorder.maybe(tokens, recon)
     pbar.close()
     if first:
         raise ValueError("no training activations were given")
-    with torch.no_grad():
-        recorder.maybe(tokens, recon, force=True)
+    recorder.maybe(tokens, recon, force=True)
     return _topk_sae(
         state.W_enc, state.b_enc, state.W_dec, state.b_dec, cfg.k, cfg.apply_b_dec_to_input, cfg.device, cfg.sae_metadata
     )
-
-
-# ---------------------------------------------------------------------------------------
-# Adam baseline: SAELens's own TopK training SAE + trainer step
-# ---------------------------------------------------------------------------------------
-
-
-def train_topk_adam(
-    acts: Acts,
-    cfg: AdamTopKConfig,
-    progress: bool = True,
-    *,
-    eval_acts: torch.Tensor | None = None,
-    eval_every_tokens: int | None = None,
-    history: list[HistoryPoint] | None = None,
-    callback: Callback | None = None,
-) -> TopKSAE:
-    """Train a TopK SAE with SAELens's trainer (Adam) on the same batch stream.
-
-    Builds ``TopKTrainingSAE(TopKTrainingSAEConfig(...))`` and drives
-    ``sae_lens.training.sae_trainer.SAETrainer.step`` batch by batch, i.e. SAELens's
-    ``training_forward_pass`` loss (MSE + TopK aux loss on dead latents), Adam, gradient
-    clipping at norm 1 and dead-latent tracking, unchanged. Returns the inference
-    ``TopKSAE`` that SAELens's ``save_inference_model`` would write (decoder norms folded).
-    Arguments other than ``cfg`` are as in :func:`train_pam_sgd`.
-    """
-    # imported here: the trainer pulls in wandb, which the PAM-SGD path does not need
-    from sae_lens.config import LoggingConfig, SAETrainerConfig
-    from sae_lens.training.sae_trainer import SAETrainer
-
-    device = torch.device(cfg.device)
-    with torch.random.fork_rng(devices=[]):  # SAELens initialises from the global RNG
-        torch.manual_seed(cfg.seed)
-        sae = TopKTrainingSAE(
-            TopKTrainingSAEConfig(
-                d_in=cfg.d_in,
-                d_sae=cfg.d_sae,
-                k=cfg.k,
-                aux_loss_coefficient=cfg.aux_loss_coefficient,
-                rescale_acts_by_decoder_norm=cfg.rescale_acts_by_decoder_norm,
-                decoder_init_norm=cfg.decoder_init_norm,
-                apply_b_dec_to_input=cfg.apply_b_dec_to_input,
-                device=str(device),
-                metadata=SAEMetadata(**cfg.sae_metadata),
-            )
-        )
-    batches = _capped(iter_batches(acts, cfg.batch_size, cfg.d_in, cfg.n_epochs, cfg.seed, device), cfg.max_steps)
-    total = _total_tokens(acts, cfg.batch_size, cfg.n_epochs, cfg.max_steps)
-    trainer = SAETrainer(
-        cfg=SAETrainerConfig(
-            # only sizes SAELens's (constant) lr schedule; the stream decides when to stop
-            total_training_samples=max(total or 0, cfg.batch_size),
-            train_batch_size_samples=cfg.batch_size,
-            lr=cfg.lr,
-            lr_end=cfg.lr,
-            adam_beta1=cfg.adam_beta1,
-            adam_beta2=cfg.adam_beta2,
-            device=str(device),
-            dead_feature_window=cfg.dead_feature_window,
-            logger=LoggingConfig(log_to_wandb=False),
-        ),
-        sae=sae,
-        data_provider=iter(()),  # unused: we call .step() with our own batches
-    )
-    recorder = _Recorder(eval_acts, eval_every_tokens, history, callback, cfg.d_in)
-
-    @torch.no_grad()
-    def recon(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = sae.encode(x.to(device, torch.float32))
-        return sae.decode(z), (z != 0).sum(-1)
-
-    pbar = tqdm(total=total, desc="Adam (SAELens)", disable=not progress, unit="tok")
-    first = True
-    for x in batches:
-        if first:
-            if cfg.init_b_dec_to_mean:
-                with torch.no_grad():
-                    sae.b_dec.copy_(x.mean(0))
-            sae.eval()
-            recorder.maybe(0, recon, force=True)
-            first = False
-        out = trainer.step(x)
-        trainer.n_training_steps += 1
-        pbar.update(x.shape[0])
-        if trainer.n_training_steps % 50 == 0:
-            pbar.set_postfix(loss=f"{out.loss.item():.4g}")
-        sae.eval()
-        recorder.maybe(trainer.n_training_samples, recon)
-    pbar.close()
-    if first:
-        raise ValueError("no training activations were given")
-    recorder.maybe(trainer.n_training_samples, recon, force=True)
-    trainer.set_final_sae_metadata()
-
-    state = {name: t.detach().clone() for name, t in sae.state_dict().items()}
-    sae.process_state_dict_for_saving_inference(state)  # folds decoder norms if rescaling
-    inference_cfg = TopKSAEConfig.from_dict(sae.cfg.get_inference_sae_cfg_dict())
-    inference_cfg.device = str(device)
-    out_sae = TopKSAE(inference_cfg)
-    out_sae.load_state_dict(state)
-    return out_sae.eval()

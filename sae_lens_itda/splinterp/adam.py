@@ -1,0 +1,181 @@
+"""The Adam baseline: SAELens's own TopK training SAE and trainer step, on PAM-SGD's batch stream.
+
+:func:`train_topk_adam` trains SAELens's ``TopKTrainingSAE`` with SAELens's ``SAETrainer``
+step (its ``training_forward_pass`` loss incl. the TopK aux loss, Adam, grad clipping,
+dead-latent tracking, decoder-norm rescaling) unchanged: it is SAELens's recipe as shipped,
+not a re-implementation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from sae_lens.saes.sae import SAEMetadata
+from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
+from tqdm.auto import tqdm
+
+from sae_lens_itda.core.metrics import sae_reconstruct
+from sae_lens_itda.splinterp.batches import Acts, training_batches
+from sae_lens_itda.splinterp.history import Callback, HistoryPoint, Recorder
+from sae_lens_itda.splinterp.pam_sgd import check_sizes
+
+if TYPE_CHECKING:
+    from sae_lens.training.sae_trainer import SAETrainer
+
+__all__ = ["AdamTopKConfig", "train_topk_adam"]
+
+
+@dataclass
+class AdamTopKConfig:
+    """Hyper-parameters of :func:`train_topk_adam` (SAELens's TopK trainer).
+
+    Defaults are SAELens's (``TopKTrainingSAEConfig`` / ``SAETrainerConfig``) except
+    ``init_b_dec_to_mean``, which matches :class:`~sae_lens_itda.splinterp.pam_sgd.PAMSGDConfig`
+    so both start alike.
+
+    Args:
+        d_in, d_sae, k, n_epochs, max_steps, batch_size, apply_b_dec_to_input, seed,
+            device, sae_metadata: As in ``PAMSGDConfig``.
+        lr: Adam learning rate (constant schedule).
+        adam_beta1, adam_beta2: Adam betas.
+        aux_loss_coefficient: Weight of SAELens's TopK auxiliary (dead-latent) loss.
+        dead_feature_window: Steps without firing after which SAELens counts a latent as
+            dead (and feeds it to the aux loss).
+        rescale_acts_by_decoder_norm: SAELens's TopK option (selection by
+            ``pre * ||W_dec row||``); folded away in the returned inference SAE.
+        decoder_init_norm: SAELens's decoder initial row norm.
+        init_b_dec_to_mean: Initialise ``b_dec`` to the mean of the first batch (SAELens
+            itself starts at zero).
+    """
+
+    d_in: int
+    d_sae: int
+    k: int
+    n_epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 1024
+    lr: float = 3e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    aux_loss_coefficient: float = 1.0
+    dead_feature_window: int = 1000
+    rescale_acts_by_decoder_norm: bool = True
+    decoder_init_norm: float | None = 0.1
+    apply_b_dec_to_input: bool = True
+    init_b_dec_to_mean: bool = True
+    seed: int = 0
+    device: str = "cpu"
+    sae_metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_sizes(self.d_in, self.d_sae, self.k, self.batch_size, self.n_epochs)
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise ValueError(f"lr must be finite and > 0, got {self.lr}")
+
+
+def train_topk_adam(
+    acts: Acts,
+    cfg: AdamTopKConfig,
+    progress: bool = True,
+    *,
+    eval_acts: torch.Tensor | None = None,
+    eval_every_tokens: int | None = None,
+    history: list[HistoryPoint] | None = None,
+    callback: Callback | None = None,
+) -> TopKSAE:
+    """Train a TopK SAE with SAELens's trainer (Adam) on the same batch stream as PAM-SGD.
+
+    Builds ``TopKTrainingSAE(TopKTrainingSAEConfig(...))`` and drives
+    ``sae_lens.training.sae_trainer.SAETrainer.step`` batch by batch, i.e. SAELens's
+    ``training_forward_pass`` loss (MSE + TopK aux loss on dead latents), Adam, gradient
+    clipping at norm 1 and dead-latent tracking, unchanged. Returns the inference
+    ``TopKSAE`` that SAELens's ``save_inference_model`` would write (decoder norms folded).
+    Arguments other than ``cfg`` are as in
+    :func:`~sae_lens_itda.splinterp.pam_sgd.train_pam_sgd`.
+    """
+    device = torch.device(cfg.device)
+    sae = _training_sae(cfg, device)
+    batches, total = training_batches(
+        acts, cfg.batch_size, cfg.d_in, cfg.n_epochs, cfg.max_steps, cfg.seed, device
+    )
+    trainer = _trainer(sae, cfg, total, device)
+    recorder = Recorder(eval_acts, eval_every_tokens, history, callback, cfg.d_in)
+    recon = sae_reconstruct(sae)
+    pbar = tqdm(total=total, desc="Adam (SAELens)", disable=not progress, unit="tok")
+    first = True
+    for x in batches:
+        if first:
+            if cfg.init_b_dec_to_mean:
+                with torch.no_grad():
+                    sae.b_dec.copy_(x.mean(0))
+            sae.eval()
+            recorder.maybe(0, recon, force=True)
+            first = False
+        out = trainer.step(x)
+        trainer.n_training_steps += 1
+        pbar.update(x.shape[0])
+        if trainer.n_training_steps % 50 == 0:
+            pbar.set_postfix(loss=f"{out.loss.item():.4g}")
+        sae.eval()
+        recorder.maybe(trainer.n_training_samples, recon)
+    pbar.close()
+    if first:
+        raise ValueError("no training activations were given")
+    recorder.maybe(trainer.n_training_samples, recon, force=True)
+    trainer.set_final_sae_metadata()
+    return _inference_sae(sae, device)
+
+
+def _training_sae(cfg: AdamTopKConfig, device: torch.device) -> TopKTrainingSAE:
+    with torch.random.fork_rng(devices=[]):  # SAELens initialises from the global RNG
+        torch.manual_seed(cfg.seed)
+        return TopKTrainingSAE(
+            TopKTrainingSAEConfig(
+                d_in=cfg.d_in,
+                d_sae=cfg.d_sae,
+                k=cfg.k,
+                aux_loss_coefficient=cfg.aux_loss_coefficient,
+                rescale_acts_by_decoder_norm=cfg.rescale_acts_by_decoder_norm,
+                decoder_init_norm=cfg.decoder_init_norm,
+                apply_b_dec_to_input=cfg.apply_b_dec_to_input,
+                device=str(device),
+                metadata=SAEMetadata(**cfg.sae_metadata),
+            )
+        )
+
+
+def _trainer(sae: TopKTrainingSAE, cfg: AdamTopKConfig, total: int | None, device: torch.device) -> SAETrainer:
+    # imported here: the trainer pulls in wandb, which the PAM-SGD path does not need
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    return SAETrainer(
+        cfg=SAETrainerConfig(
+            # only sizes SAELens's (constant) lr schedule; the stream decides when to stop
+            total_training_samples=max(total or 0, cfg.batch_size),
+            train_batch_size_samples=cfg.batch_size,
+            lr=cfg.lr,
+            lr_end=cfg.lr,
+            adam_beta1=cfg.adam_beta1,
+            adam_beta2=cfg.adam_beta2,
+            device=str(device),
+            dead_feature_window=cfg.dead_feature_window,
+            logger=LoggingConfig(log_to_wandb=False),
+        ),
+        sae=sae,
+        data_provider=iter(()),  # unused: we call .step() with our own batches
+    )
+
+
+def _inference_sae(sae: TopKTrainingSAE, device: torch.device) -> TopKSAE:
+    """The inference ``TopKSAE`` SAELens would save (decoder norms folded if rescaling)."""
+    state = {name: t.detach().clone() for name, t in sae.state_dict().items()}
+    sae.process_state_dict_for_saving_inference(state)
+    inference_cfg = TopKSAEConfig.from_dict(sae.cfg.get_inference_sae_cfg_dict())
+    inference_cfg.device = str(device)
+    out_sae = TopKSAE(inference_cfg)
+    out_sae.load_state_dict(state)
+    return out_sae.eval()
