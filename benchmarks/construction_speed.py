@@ -23,7 +23,7 @@ from encode_throughput import dense_mp  # the same paper-style MP loop as the en
 
 from sae_lens_itda.sources.activations import cached_activations
 from sae_lens_itda.core.construction import Builder, ConstructionSettings
-from sae_lens_itda.evaluation.heldout import reconstruction_metrics
+from sae_lens_itda.core.metrics import sae_metrics
 from sae_lens_itda.itda import ITDA
 
 HOOK = "blocks.15.hook_resid_post"
@@ -73,7 +73,7 @@ def main() -> None:
     t_ours_eq = time.perf_counter() - t0
 
     def ev(atoms, pursuit):
-        return reconstruction_metrics(ITDA.from_atoms(atoms, k=args.k, pursuit=pursuit), test)["explained_variance"]
+        return sae_metrics(ITDA.from_atoms(atoms, k=args.k, pursuit=pursuit), test)["explained_variance"]
 
     print("\n| build | atoms | wall s | tokens/s | held-out EV (MP encode) | held-out EV (OMP encode) |")
     print("|---|---|---|---|---|---|")

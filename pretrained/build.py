@@ -148,7 +148,7 @@ def save_float16(itda, folder: Path) -> None:
 def evaluate_stored(folder: Path, model) -> dict:
     """Held-out reconstruction of the dictionary as stored (float16 weights, loaded as float32)."""
     from sae_lens_itda.sources.activations import cached_activations
-    from sae_lens_itda.evaluation.heldout import reconstruction_metrics
+    from sae_lens_itda.core.metrics import sae_metrics
     from sae_lens_itda.itda import ITDA
 
     itda = ITDA.load_from_disk(folder, dtype="float32")
@@ -160,7 +160,7 @@ def evaluate_stored(folder: Path, model) -> dict:
         "corpus": "shakespeare",
         "split": "test",
         "n_sinks_excluded": acts.n_sinks_excluded,
-        "without_sinks": reconstruction_metrics(itda, acts.acts),
+        "without_sinks": sae_metrics(itda, acts.acts),
     }
 
 

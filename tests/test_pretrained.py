@@ -119,11 +119,11 @@ def test_every_atom_label_points_at_its_token_in_the_training_text(entry, train_
 
 def _heldout_ev(itda, model=None) -> float:
     from sae_lens_itda.sources.activations import cached_activations
-    from sae_lens_itda.evaluation.heldout import reconstruction_metrics
+    from sae_lens_itda.core.metrics import sae_metrics
 
     md = itda.cfg.metadata
     acts = cached_activations(md.model_name, md.hook_name, model=model, **HELDOUT)
-    return reconstruction_metrics(itda, acts.acts)["explained_variance"]
+    return sae_metrics(itda, acts.acts)["explained_variance"]
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,8 @@ from sae_lens.evals import EvalConfig, run_evals
 from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.activations_store import ActivationsStore
 
-# reconstruction_metrics(sae, acts) is core.metrics.sae_metrics, the one definition of the metrics
-from sae_lens_itda.core.metrics import sae_metrics as reconstruction_metrics
+from sae_lens_itda.core.metrics import sae_metrics
 from sae_lens_itda.sources.activations import cached_activations, window_dataset_store
-
-__all__ = ["ce_and_kl", "evaluate", "reconstruction_metrics"]
-
 
 def evaluate(
     sae,
@@ -38,8 +34,8 @@ def evaluate(
     acts = cached_activations(model.cfg.model_name, hook, split=split, n_tokens=n_tokens,
                               context_size=context_size, corpus=corpus, exclude_sinks=False, model=model)
     out: dict[str, Any] = {"dict_size": sae.cfg.d_sae, "n_sinks": int(acts.is_sink.sum())}
-    out["without_sinks"] = reconstruction_metrics(sae, acts.acts[~acts.is_sink])
-    out["with_sinks"] = reconstruction_metrics(sae, acts.acts)
+    out["without_sinks"] = sae_metrics(sae, acts.acts[~acts.is_sink])
+    out["with_sinks"] = sae_metrics(sae, acts.acts)
     if ce_batches > 0:
         out.update(ce_and_kl(sae, model, corpus, split, context_size, ce_batches, ce_batch_prompts))
     return out
