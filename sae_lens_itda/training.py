@@ -23,9 +23,9 @@ from typing_extensions import override
 
 from sae_lens_itda.sources.activations import window_dataset_store
 from sae_lens_itda.core.construction import Builder, ConstructionSettings
+from sae_lens_itda.core.labels import AtomLabel, make_label
 from sae_lens_itda.io.atomic import atomic_file
 from sae_lens_itda.itda import ITDA
-from sae_lens_itda.core.labels import AtomLabel
 
 STATE_FILENAME = "itda_builder_state.json"
 _BUILD = ConstructionSettings()
@@ -182,32 +182,22 @@ class ITDATrainingRunner:
                 next(self.store.iterable_sequences)
 
     def _labeller(self, tokens: torch.Tensor | None, seq0: int):
-        def make_label(seq: int, pos: int) -> AtomLabel:
+        """``make_label(seq_in_batch, position)`` for a batch whose first sequence is ``seq0``."""
+        has_docs = self.dataset is not None and "doc_id" in getattr(self.dataset, "column_names", [])
+        decode = self.tokenizer.decode if self.tokenizer is not None else None
+
+        def label(seq: int, pos: int) -> AtomLabel:
             seq_index = seq0 + seq
             if tokens is None:
-                return AtomLabel(seq_index=seq_index, position=pos, token_id=-1)
-            row = tokens[seq].tolist()
-            tok_id = row[pos]
-            doc_id, span = None, None
-            if self.dataset is not None and "doc_id" in getattr(self.dataset, "column_names", []):
+                return make_label(seq_index, pos, None)
+            doc_id = span = None
+            if has_docs:
                 rec = self.dataset[seq_index % len(self.dataset)]
                 doc_id = rec["doc_id"]
-                if "char_spans" in rec and rec["char_spans"][pos][0] >= 0:
-                    span = tuple(int(c) for c in rec["char_spans"][pos])
-            return AtomLabel(
-                seq_index=seq_index,
-                position=pos,
-                token_id=tok_id,
-                token=self._decode([tok_id]),
-                doc_id=doc_id,
-                char_span=span,
-                context=self._decode(row[max(0, pos - 12) : pos]) + "«" + self._decode([tok_id]) + "»" + self._decode(row[pos + 1 : pos + 4]),
-            )
+                span = rec["char_spans"][pos] if "char_spans" in rec else None
+            return make_label(seq_index, pos, tokens[seq], decode=decode, doc_id=doc_id, char_span=span)
 
-        return make_label
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+        return label
 
     # --- the run ------------------------------------------------------------------------
 

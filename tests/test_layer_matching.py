@@ -1,4 +1,5 @@
-"""Tests for sae_lens_itda.analysis.layer_matching on tiny hand-built models with known answers."""
+"""Tests for sae_lens_itda.analysis.layer_matching (and its windows and representations) on tiny
+hand-built models with known answers."""
 
 from __future__ import annotations
 
@@ -11,19 +12,18 @@ import torch
 from datasets import Dataset
 
 from sae_lens_itda.analysis import layer_matching as lm
-from sae_lens_itda.core.construction import ConstructionSettings
-from sae_lens_itda.analysis.layer_matching import (
-    LayerMatchingConfig,
+from sae_lens_itda.analysis.layer_matching import LayerMatchingConfig, run_layer_matching
+from sae_lens_itda.analysis.matrices import relative_depth_error
+from sae_lens_itda.analysis.representations import collect_layer_activations, model_reps
+from sae_lens_itda.analysis.windows import (
     TokenWindows,
     align_tokens,
     aligned_rows,
-    collect_layer_activations,
-    relative_depth_error,
     retokenize_windows,
-    run_layer_matching,
     same_tokenizer,
     sample_windows,
 )
+from sae_lens_itda.core.construction import ConstructionSettings
 
 WORDS = (
     "the king and queen of denmark speak with ghosts while young hamlet walks the castle at night "
@@ -280,7 +280,7 @@ def test_labels_locate_tokens(documents, word_tok):
     texts = dict(zip(documents["doc_id"], documents["text"]))
     model = tiny_model(word_tok)
     win = sample_windows(documents, word_tok, 16, 128, seed=0)
-    reps = lm.model_reps(model, win, ConstructionSettings(k=4, loss_threshold=1e-2), texts, batch_size=4)
+    reps = model_reps(model, win, ConstructionSettings(k=4, loss_threshold=1e-2), texts, batch_size=4)
     for d in reps.dicts:
         for lab in d.labels:
             s, e = lab.char_span

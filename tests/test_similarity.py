@@ -1,4 +1,5 @@
-"""Tests for sae_lens_itda.analysis.similarity: ITDA label Jaccard and activation baselines."""
+"""Tests for sae_lens_itda.analysis.jaccard, .measures and .matrices: ITDA label Jaccard, the
+activation baselines, and the matrices and scores built from them."""
 
 from __future__ import annotations
 
@@ -9,19 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from sae_lens_itda.analysis.jaccard import _max_overlap_matching, itda_jaccard, label_match_counts
+from sae_lens_itda.analysis.matrices import layer_matching_accuracy, plot_similarity_matrices, similarity_matrix
+from sae_lens_itda.analysis.measures import linear_cka, linear_regression_r2, relative_similarity, svcca
 from sae_lens_itda.core.labels import AtomLabel
-from sae_lens_itda.analysis.similarity import (
-    _max_overlap_matching,
-    itda_jaccard,
-    label_match_counts,
-    layer_matching_accuracy,
-    linear_cka,
-    linear_regression_r2,
-    plot_similarity_matrices,
-    relative_similarity,
-    similarity_matrix,
-    svcca,
-)
 
 # --------------------------------------------------------------------------------------------
 # helpers

@@ -9,6 +9,7 @@ read only ``cfg.json`` and that file, so anything kept elsewhere would be silent
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -62,6 +63,56 @@ class AtomLabel:
         )
         ctx = f"  {self.context!r}" if self.context else ""
         return f"{self.token!r} ({where}){ctx}"
+
+
+def make_label(
+    seq_index: int,
+    position: int,
+    token_ids_row: Sequence[int] | torch.Tensor | None,
+    *,
+    decode: Callable[[list[int]], str] | None = None,
+    doc_id: str | None = None,
+    char_span: Sequence[int] | None = None,
+    text: str | None = None,
+) -> AtomLabel:
+    """The label of the token at ``position`` of sequence ``seq_index``.
+
+    ``token_ids_row`` is the sequence's token ids (``None``: unknown, ``token_id`` is -1).
+    ``char_span`` is the token's ``[start, end)`` in document ``doc_id`` (a negative start, as
+    for BOS and padding, means none). Token text and context come from one rule:
+
+    * the document ``text`` is known and the span is non-empty: the token is ``text[start:end]``
+      and the context its 40 characters before and 15 after;
+    * else, with ``decode`` (e.g. ``tokenizer.decode``): the decoded token, and the context the
+      decoded 12 tokens before and 3 after;
+    * else both are empty.
+
+    The context marks the token as ``«token»``.
+    """
+    span = None
+    if char_span is not None and int(char_span[0]) >= 0:
+        span = (int(char_span[0]), int(char_span[1]))
+    ids = None
+    if token_ids_row is not None:
+        ids = token_ids_row.tolist() if isinstance(token_ids_row, torch.Tensor) else list(token_ids_row)
+    token_id = -1 if ids is None else int(ids[position])
+    token = context = ""
+    if text is not None and span is not None and span[1] > span[0]:
+        s, e = span
+        token = text[s:e]
+        context = f"{text[max(0, s - 40):s]}«{token}»{text[e:e + 15]}"
+    elif decode is not None and ids is not None:
+        token = decode([token_id])
+        context = f"{decode(ids[max(0, position - 12):position])}«{token}»{decode(ids[position + 1:position + 4])}"
+    return AtomLabel(
+        seq_index=seq_index,
+        position=position,
+        token_id=token_id,
+        token=token,
+        doc_id=doc_id,
+        char_span=span,
+        context=context,
+    )
 
 
 def labels_to_tensor(labels: list[AtomLabel | None]) -> torch.Tensor:

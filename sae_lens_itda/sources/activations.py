@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -66,6 +67,25 @@ class Activations:
 
 
 @torch.no_grad()
+def hook_activations(
+    model, tokens: torch.Tensor, hook_names: Sequence[str], attention_mask: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """One forward pass of ``model`` on ``tokens``: each hook's activations, float32 on CPU.
+
+    The pass stops after the last block any hook needs (the whole model if a hook is outside
+    the blocks). ``attention_mask`` marks real tokens, for padded batches.
+    """
+    stops = [extract_stop_at_layer_from_tlens_hook_name(h) for h in hook_names]
+    stop_at = None if None in stops else max(stops)
+    device = next(model.parameters()).device
+    kwargs = {} if attention_mask is None else {"attention_mask": attention_mask.to(device)}
+    _, cache = model.run_with_cache(
+        tokens.to(device), names_filter=list(hook_names), stop_at_layer=stop_at, **kwargs
+    )
+    return {h: cache[h].float().cpu() for h in hook_names}
+
+
+@torch.no_grad()
 def collect_activations(
     model,
     hook_name: str,
@@ -88,18 +108,13 @@ def collect_activations(
     n_seqs = -(-n_tokens // ctx)
     if n_seqs > len(rows):
         raise ValueError(f"Asked for {n_tokens} tokens but the dataset has only {len(rows) * ctx}")
-    stop_at = extract_stop_at_layer_from_tlens_hook_name(hook_name)
-    device = next(model.parameters()).device
 
     acts = None
     token_ids = torch.empty(n_seqs, ctx, dtype=torch.long)
     with tqdm(total=n_tokens, unit="tok", desc=f"activations {hook_name}") as bar:
         for start in range(0, n_seqs, batch_size):
             tokens = rows[start : min(start + batch_size, n_seqs)]["input_ids"].long()
-            _, cache = model.run_with_cache(
-                tokens.to(device), names_filter=hook_name, stop_at_layer=stop_at
-            )
-            batch = cache[hook_name].float().cpu()
+            batch = hook_activations(model, tokens, [hook_name])[hook_name]
             if acts is None:  # d is only known from the first batch (e.g. hook_z has heads)
                 acts = torch.empty(n_seqs, ctx, *batch.shape[2:], dtype=torch.float32)
             acts[start : start + len(tokens)] = batch
