@@ -51,7 +51,7 @@ from sae_lens_itda.analysis.matrices import (
 from sae_lens_itda.analysis.representations import ModelReps, build_layer_dictionaries, collect_layer_activations
 from sae_lens_itda.analysis.windows import aligned_rows, retokenize_windows, same_tokenizer, sample_windows
 from sae_lens_itda.core.construction import ConstructionSettings
-from sae_lens_itda.sources.activations import SINK_FACTOR
+from sae_lens_itda.core.sinks import SINK_FACTOR
 from sae_lens_itda.sources.corpora import load_documents
 from sae_lens_itda.sources.models import load_model
 

@@ -30,7 +30,8 @@ from sae_lens_itda.analysis.windows import TokenWindows
 from sae_lens_itda.core.construction import Builder, ConstructionSettings
 from sae_lens_itda.core.labels import AtomLabel, make_label
 from sae_lens_itda.itda import ITDA
-from sae_lens_itda.sources.activations import SINK_FACTOR, hook_activations, sink_mask
+from sae_lens_itda.core.sinks import SINK_FACTOR, sink_mask
+from sae_lens_itda.sources.activations import hook_activations
 
 __all__ = ["HOOK", "ModelReps", "collect_layer_activations", "build_layer_dictionaries", "model_reps"]
 
