@@ -361,3 +361,25 @@ def test_gemma_loads_as_hooked_sae_transformer():
         exact = model.run_with_saes(tokens, saes=[itda], use_error_term=True)
     assert isinstance(model, HookedSAETransformer)
     torch.testing.assert_close(exact, clean, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.real_model
+def test_hook_z_itda_on_smollm2(smollm2_sae):
+    """An ITDA on SmolLM2's attention outputs (hook_z, heads merged): spliced exactly with the error term."""
+    model = smollm2_sae
+    name = "blocks.5.attn.hook_z"
+    with torch.no_grad():
+        _, cache = model.run_with_cache(model.to_tokens("Friends, Romans, countrymen, lend me your ears; "
+                                                        "I come to bury Caesar, not to praise him."), names_filter=name)
+    z = cache[name][0, 1:]  # [pos, n_heads, d_head], without BOS
+    itda = ITDA.from_atoms(z.flatten(1), k=8, reshape_activations="hook_z",
+                           metadata=SAEMetadata(hook_name=name, model_name="smollm2-135m"))
+    tokens = model.to_tokens("Et tu, Brute?")
+    with torch.no_grad():
+        clean = model(tokens)
+        exact, cache = model.run_with_cache_with_saes(tokens, saes=[itda], use_error_term=True)
+        spliced = model.run_with_saes(tokens, saes=[itda])
+    torch.testing.assert_close(exact, clean, atol=1e-3, rtol=1e-3)
+    assert_not_close(spliced, clean)
+    assert cache[f"{name}.hook_sae_output"].shape == (1, tokens.shape[1], model.cfg.n_heads, model.cfg.d_head)
+    assert cache[f"{name}.hook_sae_acts_post"].shape == (1, tokens.shape[1], itda.cfg.d_sae)
