@@ -22,6 +22,7 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "smollm2-135m
 # name -> (module with add_arguments/run, help). train, demo and eval are defined below.
 COMMANDS = {
     "explain": ("sae_lens_itda.analysis.explain", "per token of a text, the labelled atoms that reconstruct it"),
+    "export-neuronpedia": ("sae_lens_itda.analysis.neuronpedia", "an ITDA in Neuronpedia's upload layout, atom labels as explanations"),
     "compare": ("sae_lens_itda.experiments.compare", "ITDAs beside SAELens TopK SAEs on the same tokens: table and plots"),
     "layer-matching": ("sae_lens_itda.analysis.layer_matching", "layer-by-layer similarity of two or more models"),
     "publish": ("sae_lens_itda.io.hub", "publish saved ITDA dictionaries on the Hugging Face Hub"),
