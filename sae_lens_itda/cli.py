@@ -24,6 +24,7 @@ COMMANDS = {
     "explain": ("sae_lens_itda.analysis.explain", "per token of a text, the labelled atoms that reconstruct it"),
     "export-neuronpedia": ("sae_lens_itda.analysis.neuronpedia", "an ITDA in Neuronpedia's upload layout, atom labels as explanations"),
     "browse": ("sae_lens_itda.analysis.browser", "a self-contained HTML page to explore an ITDA atom by atom"),
+    "dashboard": ("sae_lens_itda.analysis.dashboard", "SAEDashboard feature dashboards for ITDA atoms: signed, sinks left out, labelled"),
     "compare": ("sae_lens_itda.experiments.compare", "ITDAs beside SAELens TopK SAEs on the same tokens: table and plots"),
     "layer-matching": ("sae_lens_itda.analysis.layer_matching", "layer-by-layer similarity of two or more models"),
     "publish": ("sae_lens_itda.io.hub", "publish saved ITDA dictionaries on the Hugging Face Hub"),

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from sae_lens.saes.sae import SAE, SAEConfig
+from sae_lens.saes.topk_sae import TopK
 from torch import nn
 from transformer_lens.hook_points import HookPoint
 from typing_extensions import override
@@ -79,6 +80,10 @@ class ITDA(SAE[ITDAConfig]):
         self.labels = [None] * cfg.d_sae
         self._gram: torch.Tensor | None = None
         self._gram_key: tuple | None = None
+
+    @override
+    def get_activation_fn(self) -> PursuitSupport:
+        return PursuitSupport(self.cfg.k)
 
     @override
     def initialize_weights(self) -> None:
@@ -308,6 +313,20 @@ class ITDA(SAE[ITDAConfig]):
         if not isinstance(sae, ITDA):
             raise ValueError(f"{path} holds a {type(sae).__name__}, not an ITDA")
         return sae
+
+
+class PursuitSupport(TopK):
+    """ITDA's ``activation_fn``: a marker, never applied (codes come from pursuit).
+
+    Like a TopK SAE's, an ITDA's codes have at most ``k`` nonzeros and only make sense computed
+    over the whole dictionary. Tools that special-case TopK for that reason then treat ITDA
+    right too: SAEDashboard encodes with every atom instead of slicing the weights down to the
+    features it shows (pursuit over a sliced dictionary gives different codes).
+    """
+
+    @override
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("ITDA codes come from pursuit (ITDA.encode), not from an activation function")
 
 
 @dataclass

