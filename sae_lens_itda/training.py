@@ -21,6 +21,7 @@ from sae_lens.training.activations_store import ActivationsStore
 from tqdm.auto import tqdm
 from typing_extensions import override
 
+from sae_lens_itda.sources.activation_cache import read_activation_cache
 from sae_lens_itda.sources.activations import window_dataset_store
 from sae_lens_itda.core.construction import Builder, ConstructionSettings
 from sae_lens_itda.core.labels import AtomLabel, make_label
@@ -139,7 +140,9 @@ class ITDATrainingRunner:
         # The store narrows the dataset's format to input_ids; labels read the other columns.
         self.dataset = dataset.with_format(None) if hasattr(dataset, "with_format") else dataset
         if cfg.use_cached_activations:
-            self.store, self.cached = None, _load_cached(cfg)
+            self.store = None
+            self.cached = read_activation_cache(cfg.cached_activations_path, cfg.hook_name, cfg.context_size,
+                                                cfg.sae.d_in)
         else:
             with window_dataset_store():  # and check the size in tokens instead:
                 self.store = ActivationsStore.from_config(self.model, cfg, override_dataset=dataset)
@@ -273,23 +276,6 @@ class ITDATrainingRunner:
         itda = ITDA.load_from_disk(path)
         self.builder.load_state(itda.W_dec.detach(), itda.labels, json.loads(state_file.read_text()))
         self._skip_sequences(self.builder.seqs_seen)
-
-
-def _load_cached(cfg: LanguageModelSAERunnerConfig):
-    """Activations written by SAELens's ``CacheActivationsRunner`` (rows of [context, d_in])."""
-    import datasets
-
-    path = cfg.cached_activations_path
-    if path is None or not Path(path).exists():
-        raise FileNotFoundError(f"No cached activations at {path!r}")
-    ds = datasets.load_from_disk(path)
-    if cfg.hook_name not in ds.column_names:
-        raise ValueError(f"Cached activations at {path} have no column {cfg.hook_name!r} (found {ds.column_names})")
-    shape = tuple(ds.features[cfg.hook_name].shape)
-    if shape != (cfg.context_size, cfg.sae.d_in):
-        raise ValueError(f"Cached activations have shape {shape}, expected ({cfg.context_size}, {cfg.sae.d_in})")
-    ds.set_format("torch", columns=[c for c in (cfg.hook_name, "token_ids") if c in ds.column_names])
-    return ds
 
 
 def _is_embedded_model(name: str) -> bool:
