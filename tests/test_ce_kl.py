@@ -1,31 +1,22 @@
 """CE-loss and KL scores with a dictionary spliced in: SplicedCE against SAELens's run_evals (the oracle)."""
 
-import datasets
 import pytest
 import torch
 from sae_lens.evals import EvalConfig, run_evals
 from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.activations_store import ActivationsStore
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from sae_lens_itda.evaluation.ce_kl import SplicedCE
 from sae_lens_itda.itda import ITDA
+from tiny import CTX, tiny_model
+from tiny import token_windows as _windows
 
 HOOK = "blocks.0.hook_resid_post"
-CTX = 16
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = HookedTransformerConfig(n_layers=1, d_model=32, n_ctx=CTX, d_head=8, n_heads=4, d_vocab=60, act_fn="relu", seed=0)
-    return HookedTransformer(cfg)
-
-
-def _windows(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 60, (n, CTX), generator=g)
-    ids[:, 0] = 0  # BOS first, as in the embedded corpus's windows
-    return datasets.Dataset.from_dict({"input_ids": ids.tolist()})
+    return tiny_model()
 
 
 def _run_evals(sae, model, heldout, n_batches, batch_prompts, ignore=None):

@@ -5,26 +5,19 @@ import csv
 import datasets
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from sae_lens_itda.evaluation.heldout import HeldOutEvaluator
 from sae_lens_itda.experiments.compare import METHOD_ITDA, METHOD_SAE, METHOD_SAE_BIG, CompareConfig, run_comparison
 
+from tiny import CTX, tiny_model
+from tiny import token_windows as _windows
+
 HOOK = "blocks.0.hook_resid_post"
-CTX = 16
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = HookedTransformerConfig(n_layers=1, d_model=32, n_ctx=CTX, d_head=8, n_heads=4, d_vocab=60, act_fn="relu", seed=0)
-    return HookedTransformer(cfg)
-
-
-def _windows(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 60, (n, CTX), generator=g)
-    ids[:, 0] = 0  # BOS first, as in the embedded corpus's windows
-    return datasets.Dataset.from_dict({"input_ids": ids.tolist()})
+    return tiny_model()
 
 
 @pytest.mark.parametrize("cache", [True, False])
