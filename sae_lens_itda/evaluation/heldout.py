@@ -13,6 +13,7 @@ from sae_lens.evals import EvalConfig, run_evals
 from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.activations_store import ActivationsStore
 
+from sae_lens_itda.core import checks
 from sae_lens_itda.core.metrics import sae_metrics
 from sae_lens_itda.sources.activations import cached_activations, window_dataset_store
 
@@ -29,8 +30,11 @@ def evaluate(
     """Reconstruction on held-out activations (with and without sinks) plus CE-loss/KL scores."""
     from sae_lens_itda.sources.hooks import check_compatible
 
-    check_compatible(sae, model)
+    check_eval_settings(n_tokens, ce_batches)
     hook = sae.cfg.metadata.hook_name
+    if hook is None:
+        raise ValueError("The dictionary does not record its hook (cfg.metadata.hook_name): set it before evaluating")
+    check_compatible(sae, model)
     acts = cached_activations(model.cfg.model_name, hook, split=split, n_tokens=n_tokens,
                               context_size=context_size, corpus=corpus, exclude_sinks=False, model=model)
     out: dict[str, Any] = {"dict_size": sae.cfg.d_sae, "n_sinks": int(acts.is_sink.sum())}
@@ -39,6 +43,11 @@ def evaluate(
     if ce_batches > 0:
         out.update(ce_and_kl(sae, model, corpus, split, context_size, ce_batches, ce_batch_prompts))
     return out
+
+
+def check_eval_settings(n_tokens: int, ce_batches: int) -> None:
+    checks.positive_int("n_tokens (--eval-tokens)", n_tokens)
+    checks.nonneg_int("ce_batches (--ce-batches)", ce_batches)
 
 
 def ce_and_kl(sae, model, corpus: str, split: str, context_size: int, n_batches: int, batch_prompts: int) -> dict[str, float]:
