@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 from sae_lens.training.activations_store import ActivationsStore
 
+from sae_lens_itda.core import checks
 from sae_lens_itda.core.metrics import sae_metrics
 from sae_lens_itda.core.sinks import SINK_FACTOR
 from sae_lens_itda.evaluation.ce_kl import SplicedCE
@@ -31,8 +32,11 @@ def evaluate(
     ce_batch_prompts: int = 8,
 ) -> dict[str, Any]:
     """Reconstruction on held-out activations (with and without sinks) plus CE-loss/KL scores."""
-    check_compatible(sae, model)
+    check_eval_settings(n_tokens, ce_batches)
     hook = sae.cfg.metadata.hook_name
+    if hook is None:
+        raise ValueError("The dictionary does not record its hook (cfg.metadata.hook_name): set it before evaluating")
+    check_compatible(sae, model)
     acts = cached_activations(model.cfg.model_name, hook, split=split, n_tokens=n_tokens,
                               context_size=context_size, corpus=corpus, exclude_sinks=False, model=model)
     out: dict[str, Any] = {"dict_size": sae.cfg.d_sae, "n_sinks": int(acts.is_sink.sum())}
@@ -44,6 +48,11 @@ def evaluate(
                        head_index=sae.cfg.metadata.hook_head_index, keep_baselines=False)
         out.update(ce(sae))
     return out
+
+
+def check_eval_settings(n_tokens: int, ce_batches: int) -> None:
+    checks.positive_int("n_tokens (--eval-tokens)", n_tokens)
+    checks.nonneg_int("ce_batches (--ce-batches)", ce_batches)
 
 
 def _ce_windows(sae, model, corpus: str, split: str, context_size: int, n_windows: int) -> torch.Tensor:
