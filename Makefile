@@ -3,7 +3,8 @@
 setup:
 	bash scripts/setup.sh
 # ... pass the tests,
-test: setup
+test:
+	bash scripts/setup.sh --test
 	.venv/bin/python -m pytest -q -ra
 # ... or run the main job: build an ITDA on SmolLM2-135M offline and evaluate it.
 demo: setup

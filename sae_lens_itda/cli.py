@@ -21,8 +21,11 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "smollm2-135m
 
 # name -> (module with add_arguments/run, help). train, demo and eval are defined below.
 COMMANDS = {
+    "browse": ("sae_lens_itda.analysis.browser", "a self-contained HTML page to explore an ITDA atom by atom"),
     "check": ("sae_lens_itda.sources.hooks", "check that a saved ITDA fits a model and hook (SAELens's add_sae does not)"),
     "compare": ("sae_lens_itda.experiments.compare.cli", "ITDAs beside SAELens TopK SAEs on the same tokens: table and plots"),
+    "explain": ("sae_lens_itda.analysis.explain", "per token of a text, the labelled atoms that reconstruct it"),
+    "export-neuronpedia": ("sae_lens_itda.analysis.neuronpedia", "an ITDA in Neuronpedia's upload layout, atom labels as explanations"),
     "layer-matching": ("sae_lens_itda.analysis.layer_matching", "layer-by-layer similarity of two or more models"),
     "publish": ("sae_lens_itda.io.hub", "publish saved ITDA dictionaries on the Hugging Face Hub"),
     "saebench": ("sae_lens_itda.evaluation.saebench", "run a SAEBench eval on ITDAs and SAELens SAEs"),

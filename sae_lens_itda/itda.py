@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from sae_lens.saes.sae import SAE, SAEConfig
 from torch import nn
+from transformer_lens.hook_points import HookPoint
 from typing_extensions import override
 
 from sae_lens_itda.core import checks
@@ -149,10 +150,33 @@ class ITDA(SAE[ITDAConfig]):
         return self._gram
 
     def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Codes as ``(indices [..., k], values [..., k])``; no dense ``[..., d_sae]`` tensor."""
+        """Codes as ``(indices [..., k], values [..., k])``; no dense ``[..., d_sae]`` tensor.
+
+        Pursuit picks the support without gradient. Under autograd (grad enabled, and the input
+        or ``W_dec`` requiring grad) the values carry the gradient of the fit on that support:
+        exact for a fixed support (docs/gradients.md). The values themselves are the same either way.
+        """
+        return self._pursue(self._checked_input(x))
+
+    @override
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense codes ``[..., d_sae]`` with at most ``k`` nonzeros per row.
+
+        ``hook_sae_acts_pre`` sees the atoms' correlations with the input (``x @ W_enc``, where
+        pursuit starts); it is computed only when a hook is attached, and is read-only: editing
+        it does not change the codes.
+        """
         sae_in = self._checked_input(x)
+        hp = self.hook_sae_acts_pre  # an nn.Identity while SAELens disables the hooks
+        if isinstance(hp, HookPoint) and hp.has_hooks("both", including_permanent=True):
+            self.hook_sae_acts_pre(sae_in @ self.W_enc)
+        idx, val = self._pursue(sae_in)
+        dense = _pursuit.to_dense(idx, val.to(self.dtype), self.cfg.d_sae)
+        return self.hook_sae_acts_post(dense)
+
+    def _pursue(self, sae_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            return _pursuit.encode_sparse(
+            idx, val = _pursuit.encode_sparse(
                 sae_in,
                 self.W_dec,
                 self.cfg.k,
@@ -161,13 +185,26 @@ class ITDA(SAE[ITDAConfig]):
                 gram=self.gram(),
                 chunk_bytes=self.cfg.chunk_bytes,
             )
+        if torch.is_grad_enabled() and (sae_in.requires_grad or self.W_dec.requires_grad):
+            val = self._values_with_grad(sae_in, idx, val)
+        return idx, val
 
-    @override
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense codes ``[..., d_sae]`` with at most ``k`` nonzeros per row."""
-        idx, val = self.encode_sparse(x)
-        dense = _pursuit.to_dense(idx, val.to(self.dtype), self.cfg.d_sae)
-        return self.hook_sae_acts_post(dense)
+    def _values_with_grad(self, sae_in: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+        """``val`` unchanged in value, with the gradient of the fit on the support ``idx``.
+
+        OMP (and nonneg OMP on its positive entries): the least-squares fit on the support.
+        MP: MP's own steps replayed along the chosen atoms.
+        """
+        k, d = idx.shape[-1], sae_in.shape[-1]
+        dtype = torch.promote_types(sae_in.dtype, torch.float32)  # no solves in half precision
+        x, atoms = sae_in.reshape(-1, d).to(dtype), self.W_dec.to(dtype)
+        i, v = idx.reshape(-1, k), val.reshape(-1, k).to(dtype)
+        if self.cfg.pursuit == "mp":
+            fit = matching_pursuit_replay(x, atoms, i, self.cfg.nonneg)
+        else:
+            fit = least_squares_on_support(x, atoms, i, v != 0)
+        # fit - fit.detach() is exactly zero: the values stay the pursuit's, bit for bit.
+        return (v + (fit - fit.detach())).reshape(val.shape)
 
     @override
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
@@ -213,13 +250,15 @@ class ITDA(SAE[ITDAConfig]):
             raise ValueError("This ITDA dictionary is empty (0 atoms): nothing to encode with")
         if x.ndim == 0:
             raise ValueError(f"Activations must have shape [..., d_in={self.cfg.d_in}], got a 0-d tensor")
-        if x.shape[-1] != self.cfg.d_in:
+        width = self.reshape_fn_in(x).shape[-1]  # hook_z: the width once the heads are merged
+        if width != self.cfg.d_in:
             raise ValueError(
-                f"Activations have last dimension {x.shape[-1]}, but this ITDA expects d_in={self.cfg.d_in}"
+                f"Activations have last dimension {width}, but this ITDA expects d_in={self.cfg.d_in}"
                 f" (hook {self.cfg.metadata.hook_name!r})"
             )
-        _check_finite(x, "activations")
-        return self.process_sae_in(x)
+        sae_in = self.process_sae_in(x)
+        _check_finite(sae_in, "activations")
+        return sae_in
 
     def push_to_hub(self, repo_id: str, **kwargs: Any):
         """Publish on the Hugging Face Hub; see :func:`sae_lens_itda.io.hub.push_to_hub`."""
@@ -314,6 +353,34 @@ class Explanation:
         for p in self.parts:
             lines.append(f"{p.atom:>7} {p.coefficient:>9.3f}  {p.label if p.label else '-'}")
         return "\n".join(lines)
+
+
+def least_squares_on_support(x: torch.Tensor, atoms: torch.Tensor, idx: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+    """Least-squares coefficients of ``x [B, d]`` on the atoms ``atoms[idx] [B, k, d]``, with autograd.
+
+    Slots where ``used`` is False get coefficient 0 (identity rows in the Gram matrix). The
+    ``[B, k, k]`` normal equations are solved in float64; the support must be linearly
+    independent, as pursuit guarantees.
+    """
+    m = used.to(x.dtype)
+    A = atoms[idx] * m.unsqueeze(-1)
+    gram = (A @ A.transpose(1, 2)).double() + torch.diag_embed(1 - m.double())
+    rhs = (A @ x.unsqueeze(-1)).double()
+    return torch.linalg.solve(gram, rhs).squeeze(-1).to(x.dtype)
+
+
+def matching_pursuit_replay(x: torch.Tensor, atoms: torch.Tensor, idx: torch.Tensor, nonneg: bool) -> torch.Tensor:
+    """MP's coefficients along the atom sequence ``idx [B, k]``, with autograd: each is the
+    residual's correlation with its atom (clamped at 0 when ``nonneg``)."""
+    resid, vals = x, []
+    for t in range(idx.shape[1]):
+        a = atoms[idx[:, t]]
+        c = (resid * a).sum(-1)
+        if nonneg:
+            c = c.clamp_min(0)
+        vals.append(c)
+        resid = resid - c.unsqueeze(-1) * a
+    return torch.stack(vals, 1)
 
 
 def _check_finite(x: torch.Tensor, what: str) -> None:

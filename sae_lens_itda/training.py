@@ -27,7 +27,7 @@ from sae_lens_itda.core import checks
 from sae_lens_itda.core.construction import Builder, ConstructionSettings
 from sae_lens_itda.core.labels import AtomLabel, make_label
 from sae_lens_itda.io.atomic import atomic_dir
-from sae_lens_itda.itda import ITDA
+from sae_lens_itda.itda import ITDA, ITDAConfig
 from sae_lens_itda.sources.hooks import check_hook
 
 STATE_FILENAME = "itda_builder_state.json"
@@ -79,6 +79,15 @@ class ITDATrainingSAEConfig(TrainingSAEConfig):
         checks.positive_int("d_in", self.d_in)
         checks.nonneg_int("checkpoint_every_tokens", self.checkpoint_every_tokens)
         self.settings()  # the construction settings check themselves
+
+    @override
+    def get_inference_sae_cfg_dict(self) -> dict[str, Any]:
+        """The :class:`ITDAConfig` dict SAELens saves; its encoding-only fields that building
+        does not have (``gram_max_bytes``, ``chunk_bytes``) take their defaults."""
+        out = {f.name: getattr(self, f.name, f.default) for f in fields(ITDAConfig) if f.name != "metadata"}
+        out["architecture"] = ITDAConfig.architecture()
+        out["metadata"] = self._metadata_with_training_info()
+        return out
 
     def settings(self) -> ConstructionSettings:
         names = {f.name for f in fields(ConstructionSettings)}

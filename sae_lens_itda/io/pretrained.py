@@ -187,6 +187,20 @@ def load_pretrained(release: str, sae_id: str, device: str = "cpu", dtype: str =
     return SAE.from_pretrained(release, sae_id, device=device, dtype=dtype)
 
 
+def load_any(spec: str, device: str = "cpu"):
+    """``(name, SAE)`` from ``RELEASE:SAE_ID`` (any pretrained release SAELens knows) or a folder
+    saved by SAELens; the command lines' ``--sae`` argument."""
+    from sae_lens import SAE
+
+    if Path(spec).is_dir():
+        sae = SAE.load_from_disk(spec, device=device)
+        return f"{sae.cfg.metadata.model_name}-{sae.cfg.architecture()}-{Path(spec).resolve().name}", sae
+    if ":" not in spec:
+        raise ValueError(f"{spec!r} is neither a folder nor RELEASE:SAE_ID")
+    release, sae_id = spec.split(":", 1)
+    return f"{release}-{sae_id}", SAE.from_pretrained(release, sae_id, device=device)
+
+
 # --- the "itda" loader (SAELens's PretrainedSaeHuggingfaceLoader signature) ---------------
 
 

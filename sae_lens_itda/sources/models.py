@@ -151,10 +151,9 @@ def load_hf_model(name: str, dtype: torch.dtype = torch.float32) -> tuple[Any, A
     return hf, AutoTokenizer.from_pretrained(folder)
 
 
-def _hooked_from_local(folder: Path, hf: Any, tok: Any, device: str, dtype: torch.dtype, **kwargs):
-    """Build a HookedTransformer from a local Llama-architecture checkpoint TL does not list."""
+def _hooked_from_local(folder: Path, hf: Any, tok: Any, device: str, dtype: torch.dtype, model_class: type, **kwargs):
+    """Build a ``model_class`` (a HookedTransformer) from a local Llama-architecture checkpoint TL does not list."""
     import transformer_lens.loading_from_pretrained as loading
-    from transformer_lens import HookedTransformer
 
     padding_side = kwargs.pop("default_padding_side", None)
     # TL picks the architecture from the *path string* when it contains "llama"/"gemma",
@@ -165,7 +164,7 @@ def _hooked_from_local(folder: Path, hf: Any, tok: Any, device: str, dtype: torc
         cfg = loading.get_pretrained_model_config(
             str(local), device=device, dtype=dtype, fold_ln=False, **kwargs
         )
-    model = HookedTransformer(cfg, tok, move_to_device=False, default_padding_side=padding_side)
+    model = model_class(cfg, tok, move_to_device=False, default_padding_side=padding_side)
     state = loading.get_pretrained_state_dict(str(folder), cfg, hf_model=hf, dtype=dtype)
     # No processing, so activations and logits are exactly the HF model's.
     model.load_and_process_state_dict(
@@ -178,6 +177,19 @@ def _hooked_from_local(folder: Path, hf: Any, tok: Any, device: str, dtype: torc
     )
     model.move_model_modules_to_device()
     return model
+
+
+_HOOKED_CLASSES = ("HookedTransformer", "HookedSAETransformer")
+
+
+def _hooked_class(name: str) -> type:
+    if name == "HookedSAETransformer":
+        from sae_lens import HookedSAETransformer
+
+        return HookedSAETransformer
+    from transformer_lens import HookedTransformer
+
+    return HookedTransformer
 
 
 _PROCESSING_FLAGS = (
@@ -198,8 +210,9 @@ def load_model(
 ):
     """Load a language model by name, offline for the embedded ones.
 
-    Embedded names (:data:`EMBEDDED_MODELS`) give a ``HookedTransformer`` with unprocessed
-    weights (no LayerNorm folding or centring, so activations match the HF model), whose
+    Embedded names (:data:`EMBEDDED_MODELS`) give a ``HookedTransformer`` (or, with
+    ``model_class_name="HookedSAETransformer"``, SAELens's subclass) with unprocessed weights
+    (no LayerNorm folding or centring, so activations match the HF model), whose
     ``cfg.model_name`` is the embedded name. Any other name goes to SAELens's
     ``load_model(model_class_name, name, device, from_pretrained_kwargs)``; use
     ``model_class_name="AutoModelForCausalLM"`` for HF models TransformerLens does not support.
@@ -212,8 +225,9 @@ def load_model(
             kwargs.setdefault("dtype", dtype)
         return sae_lens_load_model(model_class_name, name, device, kwargs)
 
-    if model_class_name != "HookedTransformer":
-        raise ValueError(f"Embedded model {name!r} loads only as a HookedTransformer")
+    if model_class_name not in _HOOKED_CLASSES:
+        raise ValueError(f"Embedded model {name!r} loads only as one of {sorted(_HOOKED_CLASSES)}")
+    model_class = _hooked_class(model_class_name)
     # Accept SAELens's usual `center_writing_weights=False` etc., but never process weights.
     for flag in _PROCESSING_FLAGS:
         if from_pretrained_kwargs.pop(flag, False):
@@ -222,11 +236,9 @@ def load_model(
     folder = embedded_model_dir(name)
     hf, tok = load_hf_model(name, dtype=dtype)
     if spec.tl_name is None:
-        model = _hooked_from_local(folder, hf, tok, device, dtype, **from_pretrained_kwargs)
+        model = _hooked_from_local(folder, hf, tok, device, dtype, model_class, **from_pretrained_kwargs)
     else:
-        from transformer_lens import HookedTransformer
-
-        model = HookedTransformer.from_pretrained_no_processing(
+        model = model_class.from_pretrained_no_processing(
             spec.tl_name,
             hf_model=hf,
             tokenizer=tok,
