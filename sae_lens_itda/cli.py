@@ -21,11 +21,12 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "smollm2-135m
 
 # name -> (module with add_arguments/run, help). train, demo and eval are defined below.
 COMMANDS = {
+    "browse": ("sae_lens_itda.analysis.browser", "a self-contained HTML page to explore an ITDA atom by atom"),
+    "check": ("sae_lens_itda.sources.hooks", "check that a saved ITDA fits a model and hook (SAELens's add_sae does not)"),
+    "compare": ("sae_lens_itda.experiments.compare.cli", "ITDAs beside SAELens TopK SAEs on the same tokens: table and plots"),
+    "dashboard": ("sae_lens_itda.analysis.dashboard", "SAEDashboard feature dashboards for ITDA atoms: signed, sinks left out, labelled"),
     "explain": ("sae_lens_itda.analysis.explain", "per token of a text, the labelled atoms that reconstruct it"),
     "export-neuronpedia": ("sae_lens_itda.analysis.neuronpedia", "an ITDA in Neuronpedia's upload layout, atom labels as explanations"),
-    "browse": ("sae_lens_itda.analysis.browser", "a self-contained HTML page to explore an ITDA atom by atom"),
-    "dashboard": ("sae_lens_itda.analysis.dashboard", "SAEDashboard feature dashboards for ITDA atoms: signed, sinks left out, labelled"),
-    "compare": ("sae_lens_itda.experiments.compare", "ITDAs beside SAELens TopK SAEs on the same tokens: table and plots"),
     "layer-matching": ("sae_lens_itda.analysis.layer_matching", "layer-by-layer similarity of two or more models"),
     "publish": ("sae_lens_itda.io.hub", "publish saved ITDA dictionaries on the Hugging Face Hub"),
     "saebench": ("sae_lens_itda.evaluation.saebench", "run a SAEBench eval on ITDAs and SAELens SAEs"),
@@ -36,7 +37,14 @@ def load_runner_config(path: str | Path, **overrides: Any) -> LanguageModelSAERu
     """A SAELens runner config from YAML: runner fields at the top level, ITDA fields under ``sae:``."""
     from sae_lens_itda.training import ITDATrainingSAEConfig
 
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {e}") from e
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a mapping of settings, not a {type(raw).__name__}")
     raw.update({k: v for k, v in overrides.items() if v is not None})
     sae_fields = raw.pop("sae", None)
     if not isinstance(sae_fields, dict):
@@ -44,7 +52,7 @@ def load_runner_config(path: str | Path, **overrides: Any) -> LanguageModelSAERu
     try:
         sae_cfg = ITDATrainingSAEConfig(**sae_fields)
         return LanguageModelSAERunnerConfig(sae=sae_cfg, **raw)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from e
 
 
@@ -63,19 +71,24 @@ def train(args: argparse.Namespace) -> Any:
 
 
 def evaluate_cmd(args: argparse.Namespace) -> None:
-    from sae_lens_itda.evaluation.heldout import evaluate
+    from sae_lens_itda.evaluation.heldout import check_eval_settings, evaluate
     from sae_lens_itda.itda import ITDA
     from sae_lens_itda.sources.models import load_model
 
+    check_eval_settings(args.eval_tokens, args.ce_batches)  # before the slow part
     itda = ITDA.load_from_disk(args.path)
-    model = load_model(itda.cfg.metadata.model_name)
+    name = args.model or itda.cfg.metadata.model_name
+    if not name:
+        raise ValueError(f"{args.path} does not record the model it was built on: pass --model")
+    model = load_model(name)
     print(json.dumps(evaluate(itda, model, n_tokens=args.eval_tokens, ce_batches=args.ce_batches), indent=2))
 
 
 def demo(args: argparse.Namespace) -> None:
     """Build an ITDA on SmolLM2-135M offline, evaluate it on held-out text, show some atoms."""
-    from sae_lens_itda.evaluation.heldout import evaluate
+    from sae_lens_itda.evaluation.heldout import check_eval_settings, evaluate
 
+    check_eval_settings(args.eval_tokens, args.ce_batches)  # before the build, not after
     args.config = args.config or DEMO_CONFIG
     runner, itda, wall = train(args)
     res = evaluate(itda, runner.model, n_tokens=args.eval_tokens, ce_batches=args.ce_batches)
@@ -124,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
     ev = sub.add_parser("eval", help="evaluate a saved ITDA on held-out text")
     ev.add_argument("path")
+    ev.add_argument("--model", default=None, help="the model to evaluate on (default: the one the dictionary records)")
     ev.add_argument("--eval-tokens", type=int, default=20_000)
     ev.add_argument("--ce-batches", type=int, default=10, help="held-out batches of 8 windows for CE/KL")
     ev.set_defaults(fn=evaluate_cmd)

@@ -16,10 +16,11 @@ from torch import nn
 from transformer_lens.hook_points import HookPoint
 from typing_extensions import override
 
+from sae_lens_itda.core import checks
 from sae_lens_itda.core import pursuit as _pursuit
 from sae_lens_itda.core.labels import LABELS_KEY, AtomLabel, labels_from_tensor, labels_to_tensor
 from sae_lens_itda.io import format as saved_format
-from sae_lens_itda.io.atomic import atomic_file
+from sae_lens_itda.io.atomic import atomic_dir
 
 
 @dataclass
@@ -55,10 +56,15 @@ class ITDAConfig(SAEConfig):
     @override
     def __post_init__(self):
         super().__post_init__()
-        if self.k < 1:
-            raise ValueError(f"k must be at least 1, got {self.k}")
-        if self.pursuit not in ("omp", "mp"):
-            raise ValueError(f"pursuit must be 'omp' or 'mp', got {self.pursuit!r}")
+        checks.positive_int("d_in", self.d_in)
+        checks.nonneg_int("d_sae", self.d_sae)
+        checks.positive_int("k", self.k)
+        checks.pursuit(self.pursuit)
+        checks.boolean("nonneg", self.nonneg)
+        checks.nonneg_int("gram_max_bytes", self.gram_max_bytes)
+        checks.positive_int("chunk_bytes", self.chunk_bytes)
+        if self.loss_threshold is not None and self.loss_threshold != 0:  # a paced build can end at 0
+            checks.positive_finite("loss_threshold", self.loss_threshold)
         if self.normalize_activations != "none":
             # Pursuit codes scale linearly with the input, so there is nothing to normalise,
             # and folding a scale into unit-norm atoms would break them.
@@ -207,6 +213,9 @@ class ITDA(SAE[ITDAConfig]):
 
     @override
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        if feature_acts.ndim == 0 or feature_acts.shape[-1] != self.cfg.d_sae:
+            raise ValueError(f"Codes must have last dimension d_sae={self.cfg.d_sae} (one per atom), "
+                             f"got shape {tuple(feature_acts.shape)}")
         out = feature_acts.to(self.dtype) @ self.W_dec
         if self.cfg.apply_b_dec_to_input:
             out = out + self.b_dec
@@ -216,6 +225,10 @@ class ITDA(SAE[ITDAConfig]):
 
     def decode_sparse(self, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Reconstruction from ``encode_sparse``'s output."""
+        if indices.shape != values.shape or indices.ndim == 0:
+            raise ValueError(f"indices {tuple(indices.shape)} and values {tuple(values.shape)} must have one shape [..., k]")
+        if indices.numel() and (indices.min() < 0 or indices.max() >= self.cfg.d_sae):
+            raise ValueError(f"Atom indices must be in [0, {self.cfg.d_sae}), got {int(indices.min())}..{int(indices.max())}")
         out = _pursuit.decode_sparse(indices, values.to(self.dtype), self.W_dec)
         if self.cfg.apply_b_dec_to_input:
             out = out + self.b_dec
@@ -240,6 +253,8 @@ class ITDA(SAE[ITDAConfig]):
     def _checked_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.d_sae == 0 or self.W_dec.shape[0] == 0:
             raise ValueError("This ITDA dictionary is empty (0 atoms): nothing to encode with")
+        if x.ndim == 0:
+            raise ValueError(f"Activations must have shape [..., d_in={self.cfg.d_in}], got a 0-d tensor")
         width = self.reshape_fn_in(x).shape[-1]  # hook_z: the width once the heads are merged
         if width != self.cfg.d_in:
             raise ValueError(
@@ -283,27 +298,34 @@ class ITDA(SAE[ITDAConfig]):
 
     @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
-        n = state_dict["W_dec"].shape[0]
+        # Every SAELens loader comes through here (load_from_disk, from_pretrained, SAEBench).
+        saved_format.check_weights(state_dict, self.cfg.d_sae, self.cfg.d_in)
         raw = state_dict.pop(LABELS_KEY, None)
-        self.labels = [None] * n if raw is None else labels_from_tensor(raw, n)
+        try:
+            self.labels = [None] * self.cfg.d_sae if raw is None else labels_from_tensor(raw, self.cfg.d_sae)
+        except ValueError as e:
+            raise saved_format.WeightsError(str(e)) from e
 
     @override
     def save_model(self, path: str | Path) -> tuple[Path, Path]:
         """SAELens's layout (``cfg.json`` + ``sae_weights.safetensors``, labels inside the latter).
 
-        Each file is written atomically (:mod:`sae_lens_itda.io.atomic`); the weights go first,
-        the config last.
+        Both files replace the old pair in one step (:func:`~sae_lens_itda.io.atomic.atomic_dir`):
+        a crash at any moment leaves the old dictionary or the new one. Other files in ``path``
+        are kept.
         """
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        with atomic_dir(path, keep_others=True) as tmp:
+            self.write_files(tmp)
+        return path / SAE_WEIGHTS_FILENAME, path / SAE_CFG_FILENAME
+
+    def write_files(self, folder: Path) -> None:
+        """Write ``cfg.json`` and the weights into ``folder`` as they are (not atomically): for
+        callers that write a whole folder atomically themselves."""
         state_dict = {k: v.contiguous() for k, v in self.state_dict().items()}
         self.process_state_dict_for_saving(state_dict)
-        weights_path, cfg_path = path / SAE_WEIGHTS_FILENAME, path / SAE_CFG_FILENAME
-        with atomic_file(weights_path) as tmp:
-            save_file(state_dict, tmp, metadata={"format": "pt"})
-        with atomic_file(cfg_path) as tmp:
-            tmp.write_text(json.dumps(self.cfg.to_dict()))
-        return weights_path, cfg_path
+        save_file(state_dict, folder / SAE_WEIGHTS_FILENAME, metadata={"format": "pt"})
+        (folder / SAE_CFG_FILENAME).write_text(json.dumps(self.cfg.to_dict()))
 
     @override
     @classmethod

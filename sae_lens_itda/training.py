@@ -21,11 +21,14 @@ from sae_lens.training.activations_store import ActivationsStore
 from tqdm.auto import tqdm
 from typing_extensions import override
 
+from sae_lens_itda.sources.activation_cache import read_activation_cache
 from sae_lens_itda.sources.activations import window_dataset_store
+from sae_lens_itda.core import checks
 from sae_lens_itda.core.construction import Builder, ConstructionSettings
 from sae_lens_itda.core.labels import AtomLabel, make_label
-from sae_lens_itda.io.atomic import atomic_file
+from sae_lens_itda.io.atomic import atomic_dir
 from sae_lens_itda.itda import ITDA, ITDAConfig
+from sae_lens_itda.sources.hooks import check_hook
 
 STATE_FILENAME = "itda_builder_state.json"
 _BUILD = ConstructionSettings()
@@ -69,6 +72,13 @@ class ITDATrainingSAEConfig(TrainingSAEConfig):
     @classmethod
     def architecture(cls) -> str:
         return "itda"
+
+    @override
+    def __post_init__(self):
+        super().__post_init__()
+        checks.positive_int("d_in", self.d_in)
+        checks.nonneg_int("checkpoint_every_tokens", self.checkpoint_every_tokens)
+        self.settings()  # the construction settings check themselves
 
     @override
     def get_inference_sae_cfg_dict(self) -> dict[str, Any]:
@@ -122,6 +132,8 @@ class ITDATrainingRunner:
     (``"smollm2-135m"``, ``"gemma-3-270m"``) and the embedded corpus (``dataset_path="shakespeare"``)
     work offline; anything else goes through SAELens unchanged. With
     ``cfg.use_cached_activations`` the activations come from a ``CacheActivationsRunner`` cache.
+    ``resume_from`` is a checkpoint folder; its recorded settings must match ``cfg``
+    (:func:`run_identity`), and the run's later checkpoints go beside it.
     """
 
     def __init__(
@@ -137,6 +149,11 @@ class ITDATrainingRunner:
         self.cfg = cfg
         self.progress = progress
         self.resume_from = Path(resume_from) if resume_from else None
+        # Checked before the model loads: a mismatched checkpoint fails in a second, by name.
+        self._resume_state = _checkpoint_state(self.resume_from, cfg) if self.resume_from else None
+        # SAELens gives every run a new checkpoint folder; a resumed run goes on in its checkpoint's.
+        self.checkpoint_dir = None if cfg.checkpoint_path is None else Path(
+            self.resume_from.parent if self.resume_from else cfg.checkpoint_path)
         self.model = None if cfg.use_cached_activations else (override_model or _load_model(cfg))
         dataset = override_dataset
         if dataset is None and self.model is not None and _is_embedded_corpus(cfg.dataset_path):
@@ -147,8 +164,14 @@ class ITDATrainingRunner:
             dataset = dataset.shuffle(seed=cfg.seed).flatten_indices()
         # The store narrows the dataset's format to input_ids; labels read the other columns.
         self.dataset = dataset.with_format(None) if hasattr(dataset, "with_format") else dataset
+        if dataset is not None and hasattr(dataset, "__len__") and len(dataset) == 0:
+            raise ValueError(f"The dataset {cfg.dataset_path or '(given)'} is empty")
+        if self.model is not None:  # before any batch: a wrong hook or width fails here, by name
+            check_hook(self.model, cfg.hook_name, cfg.sae.d_in, cfg.hook_head_index, cfg.context_size)
         if cfg.use_cached_activations:
-            self.store, self.cached = None, _load_cached(cfg)
+            self.store = None
+            self.cached = read_activation_cache(cfg.cached_activations_path, cfg.hook_name, cfg.context_size,
+                                                cfg.sae.d_in)
         else:
             with window_dataset_store():  # and check the size in tokens instead:
                 self.store = ActivationsStore.from_config(self.model, cfg, override_dataset=dataset)
@@ -174,7 +197,10 @@ class ITDATrainingRunner:
             acts = rows[self.cfg.hook_name]
             tokens = rows["token_ids"].long() if "token_ids" in rows else None
         else:
-            tokens = self.store.get_batch_tokens()
+            try:
+                tokens = self.store.get_batch_tokens()
+            except StopIteration:
+                raise self._no_sequences() from None
             acts = self.store.get_activations(tokens).reshape(tokens.shape[0], tokens.shape[1], -1)
         self.timings["activations_s"] += time.perf_counter() - t0
         return acts, tokens
@@ -188,7 +214,12 @@ class ITDATrainingRunner:
                 next(self.store.iterable_sequences)
             except StopIteration:
                 self.store.iterable_sequences = self.store._iterate_tokenized_sequences()
-                next(self.store.iterable_sequences)
+                if next(self.store.iterable_sequences, None) is None:
+                    raise self._no_sequences() from None
+
+    def _no_sequences(self) -> ValueError:
+        return ValueError(f"The dataset {self.cfg.dataset_path or '(given)'} yields no sequence of "
+                          f"context_size={self.cfg.context_size} tokens: are its texts empty?")
 
     def _labeller(self, tokens: torch.Tensor | None, seq0: int):
         """``make_label(seq_in_batch, position)`` for a batch whose first sequence is ``seq0``."""
@@ -213,7 +244,7 @@ class ITDATrainingRunner:
     def run(self) -> ITDA:
         cfg = self.cfg
         if self.resume_from is not None:
-            self._load_checkpoint(self.resume_from)
+            self._load_checkpoint(self.resume_from, self._resume_state)
         tokens_per_batch = cfg.store_batch_size_prompts * cfg.context_size
         n_batches = max(1, cfg.training_tokens // tokens_per_batch)
         done = self.builder.tokens_seen // tokens_per_batch
@@ -237,8 +268,9 @@ class ITDATrainingRunner:
         bar.close()
         itda = self.to_itda()
         if cfg.output_path is not None:
-            itda.save_model(cfg.output_path)
-            (Path(cfg.output_path) / "runner_cfg.json").write_text(json.dumps(_jsonable(cfg.to_dict())))
+            with atomic_dir(cfg.output_path, keep_others=True) as tmp:
+                itda.write_files(tmp)
+                (tmp / "runner_cfg.json").write_text(json.dumps(_jsonable(cfg.to_dict())))
         if wandb is not None:
             wandb.finish()
         return itda
@@ -263,42 +295,59 @@ class ITDATrainingRunner:
 
     def _next_checkpoint(self) -> int | None:
         every = self.cfg.sae.checkpoint_every_tokens
-        if not every or self.cfg.checkpoint_path is None:
+        if not every or self.checkpoint_dir is None:
             return None
         return (self.builder.tokens_seen // every + 1) * every
 
     def save_checkpoint(self) -> Path:
-        """Write the dictionary and the builder's position in the stream (atomically, file by file)."""
-        path = Path(self.cfg.checkpoint_path) / f"{self.builder.tokens_seen}"
-        self.to_itda().save_model(path)
-        with atomic_file(path / STATE_FILENAME) as tmp:
-            tmp.write_text(json.dumps(self.builder.state()))
+        """Write the dictionary, the builder's position in the stream and the run's settings, as
+        one new folder ``checkpoint_path/<tokens seen>/`` (atomically: it is complete or absent)."""
+        path = self.checkpoint_dir / f"{self.builder.tokens_seen}"
+        with atomic_dir(path) as tmp:
+            self.to_itda().write_files(tmp)
+            (tmp / STATE_FILENAME).write_text(json.dumps({**self.builder.state(), "run": run_identity(self.cfg)}))
         return path
 
-    def _load_checkpoint(self, path: Path) -> None:
-        state_file = path / STATE_FILENAME
-        if not state_file.is_file():
-            raise FileNotFoundError(f"{path} is not an ITDA construction checkpoint ({STATE_FILENAME} missing)")
+    def _load_checkpoint(self, path: Path, state: dict[str, Any]) -> None:
         itda = ITDA.load_from_disk(path)
-        self.builder.load_state(itda.W_dec.detach(), itda.labels, json.loads(state_file.read_text()))
+        self.builder.load_state(itda.W_dec.detach(), itda.labels, state)
         self._skip_sequences(self.builder.seqs_seen)
 
 
-def _load_cached(cfg: LanguageModelSAERunnerConfig):
-    """Activations written by SAELens's ``CacheActivationsRunner`` (rows of [context, d_in])."""
-    import datasets
+def run_identity(cfg: LanguageModelSAERunnerConfig) -> dict[str, Any]:
+    """What a checkpoint must share with the run that resumes it: every construction setting
+    (τ included) and what makes the stream of activations (model, hook, data, batching)."""
+    stream = {n: getattr(cfg, n) for n in ("model_name", "model_class_name", "hook_name", "hook_head_index",
+                                          "dataset_path", "seed", "context_size", "prepend_bos",
+                                          "store_batch_size_prompts", "use_cached_activations")}
+    if cfg.use_cached_activations:
+        stream["cached_activations_path"] = cfg.cached_activations_path
+    return _jsonable({**cfg.sae.settings().__dict__, "d_in": cfg.sae.d_in, **stream})
 
-    path = cfg.cached_activations_path
-    if path is None or not Path(path).exists():
-        raise FileNotFoundError(f"No cached activations at {path!r}")
-    ds = datasets.load_from_disk(path)
-    if cfg.hook_name not in ds.column_names:
-        raise ValueError(f"Cached activations at {path} have no column {cfg.hook_name!r} (found {ds.column_names})")
-    shape = tuple(ds.features[cfg.hook_name].shape)
-    if shape != (cfg.context_size, cfg.sae.d_in):
-        raise ValueError(f"Cached activations have shape {shape}, expected ({cfg.context_size}, {cfg.sae.d_in})")
-    ds.set_format("torch", columns=[c for c in (cfg.hook_name, "token_ids") if c in ds.column_names])
-    return ds
+
+def _checkpoint_state(path: Path, cfg: LanguageModelSAERunnerConfig) -> dict[str, Any]:
+    """A checkpoint's builder state, once its recorded settings are found to match ``cfg``'s."""
+    state_file = path / STATE_FILENAME
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{path} is not an ITDA construction checkpoint ({STATE_FILENAME} missing)")
+    try:
+        state = json.loads(state_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{state_file} is not valid JSON ({e})") from e
+    _check_same_run(state.get("run"), run_identity(cfg), path)
+    return state
+
+
+def _check_same_run(saved: dict[str, Any] | None, now: dict[str, Any], path: Path) -> None:
+    if saved is None:
+        warnings.warn(f"Checkpoint {path} does not record its settings (an older version wrote it): "
+                      "cannot check that they match this run's", stacklevel=3)
+        return
+    diffs = [f"  {k}: checkpoint {saved[k]!r}, config {now.get(k)!r}" for k in saved if saved[k] != now.get(k)]
+    if diffs:
+        raise ValueError(f"Checkpoint {path} was built with other settings than this run's config, so resuming "
+                         f"would mix two dictionaries:\n" + "\n".join(diffs)
+                         + "\nResume with the checkpoint's settings, or start a new build.")
 
 
 def _is_embedded_model(name: str) -> bool:

@@ -5,25 +5,19 @@ import csv
 import datasets
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from sae_lens_itda.experiments.compare import METHOD_ITDA, METHOD_SAE, METHOD_SAE_BIG, CompareConfig, HeldOutEvaluator, run_comparison
+from sae_lens_itda.evaluation.heldout import HeldOutEvaluator
+from sae_lens_itda.experiments.compare import METHOD_ITDA, METHOD_SAE, METHOD_SAE_BIG, CompareConfig, run_comparison
+
+from tiny import CTX, tiny_model
+from tiny import token_windows as _windows
 
 HOOK = "blocks.0.hook_resid_post"
-CTX = 16
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = HookedTransformerConfig(n_layers=1, d_model=32, n_ctx=CTX, d_head=8, n_heads=4, d_vocab=60, act_fn="relu", seed=0)
-    return HookedTransformer(cfg)
-
-
-def _windows(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 60, (n, CTX), generator=g)
-    ids[:, 0] = 0  # BOS first, as in the embedded corpus's windows
-    return datasets.Dataset.from_dict({"input_ids": ids.tolist()})
+    return tiny_model()
 
 
 @pytest.mark.parametrize("cache", [True, False])
@@ -66,43 +60,12 @@ def test_compare_end_to_end(tiny, tmp_path, cache):
 
 
 def test_cached_activations_are_the_dataset_windows_in_order(tiny, tmp_path):
-    from sae_lens_itda.experiments.compare import write_activation_cache
+    from sae_lens_itda.sources.activation_cache import write_activation_cache
 
     ds = _windows(32, seed=2)
-    cfg = CompareConfig(hook_name=HOOK, training_tokens=256, context_size=CTX)
-    write_activation_cache(tiny, cfg, ds, tmp_path / "c", 32, skip_rows=8, n_rows=16, progress=False)
+    write_activation_cache(tiny, ds, tmp_path / "c", HOOK, d_in=32, context_size=CTX, batch_prompts=8, skip_rows=8,
+                           n_rows=16, progress=False)
     cached = datasets.load_from_disk(str(tmp_path / "c")).with_format("torch")[:]
     assert torch.equal(cached["token_ids"].long(), torch.tensor(ds["input_ids"][8:24]))
     _, cache = tiny.run_with_cache(torch.tensor(ds["input_ids"][8:24]), names_filter=HOOK)
     torch.testing.assert_close(cached[HOOK], cache[HOOK], atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("ignore", [None, [0]])
-def test_spliced_ce_matches_sae_lens_run_evals(tiny, ignore):
-    """The shared-baseline CE/KL scores equal run_evals' on the same held-out batches."""
-    from sae_lens.evals import EvalConfig, run_evals
-    from sae_lens.training.activation_scaler import ActivationScaler
-    from sae_lens.training.activations_store import ActivationsStore
-
-    from sae_lens_itda.experiments.compare import SplicedCE
-    from sae_lens_itda.itda import ITDA
-
-    heldout = _windows(16, seed=3)
-    _, cache = tiny.run_with_cache(torch.tensor(_windows(64, seed=4)["input_ids"]), names_filter=HOOK)
-    itda = ITDA.from_atoms(cache[HOOK][:, 1:].reshape(-1, 32)[::7][:60], k=3)
-    itda.cfg.metadata.hook_name = HOOK
-    itda.cfg.metadata.context_size = CTX
-    itda.cfg.metadata.prepend_bos = True
-    ours = SplicedCE(tiny, HOOK, heldout, n_batches=2, batch_prompts=4, progress=False, ignore_tokens=ignore)
-    assert ours.restart == 1  # the spliced pass restarts after block 0
-    got = ours(itda)
-    store = ActivationsStore.from_sae(tiny, itda, dataset=heldout, context_size=CTX, streaming=False,
-                                      store_batch_size_prompts=4, device="cpu")
-    ref, _ = run_evals(itda, store, tiny, ActivationScaler(),
-                       EvalConfig(n_eval_reconstruction_batches=2, compute_kl=True, compute_ce_loss=True, batch_size_prompts=4),
-                       exclude_special_tokens=ignore if ignore else True)
-    assert got["ce_loss_score"] == pytest.approx(ref["model_performance_preservation"]["ce_loss_score"], abs=1e-4)
-    assert got["ce_loss_with_sae"] == pytest.approx(ref["model_performance_preservation"]["ce_loss_with_sae"], abs=1e-4)
-    assert got["kl_div_score"] == pytest.approx(ref["model_behavior_preservation"]["kl_div_score"], abs=1e-4)
-    ours.restart = None  # the full hooked pass gives the same numbers
-    assert ours(itda)["ce_loss_score"] == pytest.approx(got["ce_loss_score"], abs=1e-5)

@@ -25,3 +25,32 @@ def test_bad_config_names_the_file(tmp_path):
     (tmp_path / "nosae.yaml").write_text("model_name: x\n")
     with pytest.raises(ValueError, match="sae:"):
         load_runner_config(tmp_path / "nosae.yaml")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("model_name: [unclosed\n", "not valid YAML"), ("- a\n- b\n", "must hold a mapping of settings, not a list"),
+     ("just a string\n", "not a str"), ("model_name: x\nsae:\n  d_in: 8\n  k: 0\n", "k must be a positive integer")],
+)
+def test_malformed_or_nonsense_yaml_is_named(tmp_path, text, message):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ValueError, match=message) as e:
+        load_runner_config(tmp_path / "c.yaml")
+    assert "c.yaml" in str(e.value)
+
+
+def test_eval_without_a_model_name_or_with_no_tokens_is_refused_early(tmp_path):
+    import argparse
+
+    import torch
+
+    from sae_lens_itda import ITDA
+    from sae_lens_itda.cli import evaluate_cmd
+
+    ITDA.from_atoms(torch.randn(10, 8), k=2).save_model(tmp_path / "d")  # no metadata.model_name
+    args = argparse.Namespace(path=str(tmp_path / "d"), model=None, eval_tokens=100, ce_batches=0)
+    with pytest.raises(ValueError, match="does not record the model it was built on: pass --model"):
+        evaluate_cmd(args)
+    args.eval_tokens = 0
+    with pytest.raises(ValueError, match="--eval-tokens"):
+        evaluate_cmd(args)

@@ -174,3 +174,82 @@ def test_crash_mid_save_leaves_previous_files_intact(tmp_path, monkeypatch):
         _itda(n=80).save_model(tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     assert SAE.load_from_disk(tmp_path).cfg.d_sae == 50
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("k", 0, "k must be a positive integer"), ("k", 8.5, "k must be a positive integer"),
+     ("k", True, "k must be a positive integer"), ("pursuit", "lasso", "pursuit must be one of"),
+     ("nonneg", "yes", "nonneg must be true or false"), ("loss_threshold", float("nan"), "loss_threshold")],
+)
+def test_nonsense_config_is_refused_where_it_is_set(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        ITDA.from_atoms(torch.randn(4, 8), **{"k": 2, field: value})
+
+
+def test_zero_d_input_and_codes_of_the_wrong_width_are_refused():
+    itda = _itda()
+    with pytest.raises(ValueError, match="0-d"):
+        itda.encode(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="d_sae=120"):
+        itda.decode(torch.zeros(3, 119))
+    with pytest.raises(ValueError, match="d_sae=120"):
+        itda.decode(torch.tensor(1.0))
+    with pytest.raises(ValueError, match=r"\[0, 120\)"):
+        itda.decode_sparse(torch.tensor([[0, 120]]), torch.ones(1, 2))
+
+
+def test_empty_dictionary_saves_and_loads(tmp_path):
+    ITDA.from_atoms(torch.zeros(0, 8), k=2).save_model(tmp_path / "empty")
+    assert ITDA.load_from_disk(tmp_path / "empty").cfg.d_sae == 0
+
+
+def _edit_weights(folder, **tensors):
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(folder / "sae_weights.safetensors")
+    sd.update(tensors)
+    save_file(sd, folder / "sae_weights.safetensors")
+
+
+def _edit_cfg(folder, drop=(), **fields):
+    cfg = json.loads((folder / "cfg.json").read_text())
+    cfg.update(fields)
+    for f in drop:
+        del cfg[f]
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+
+
+def test_loading_refuses_atoms_that_are_not_finite_unit_vectors(tmp_path):
+    itda = _itda()
+    itda.save_model(tmp_path)
+    w = itda.W_dec.detach().clone()
+    w[3, 5] = float("nan")
+    _edit_weights(tmp_path, W_dec=w)
+    with pytest.raises(ValueError, match=r"sae_weights.safetensors: W_dec holds 1 NaN or infinite"):
+        ITDA.load_from_disk(tmp_path)
+    with pytest.raises(ValueError, match="NaN"):
+        SAE.load_from_disk(tmp_path)  # SAELens's own loader comes through the same check
+    w = itda.W_dec.detach().clone()
+    w[7] *= 3
+    _edit_weights(tmp_path, W_dec=w)
+    with pytest.raises(ValueError, match=r"sae_weights.safetensors: 1 atoms .* not unit norm, e.g. atom 7 has norm 3"):
+        ITDA.load_from_disk(tmp_path)
+    _edit_weights(tmp_path, W_dec=itda.W_dec.detach()[:100].clone())
+    with pytest.raises(ValueError, match=r"sae_weights.safetensors: W_dec has shape \(100, 32\), but cfg.json says d_sae=120"):
+        ITDA.load_from_disk(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [(dict(drop=["k"]), "has no 'k'"), (dict(k=8.5), "k must be a positive integer, got 8.5"),
+     (dict(k=True), "k must be a positive integer, got True"), (dict(k=0), "k must be a positive integer"),
+     (dict(pursuit="lasso"), "pursuit must be one of"), (dict(drop=["d_in"]), "d_in"),
+     (dict(d_in="32"), "d_in must be a positive integer")],
+)
+def test_config_problems_are_reported_as_cfg_json_problems(tmp_path, edit, message):
+    _itda().save_model(tmp_path)
+    _edit_cfg(tmp_path, **edit)
+    with pytest.raises(ValueError, match="cfg.json") as e:
+        ITDA.load_from_disk(tmp_path)
+    assert message in str(e.value) and "safetensors" not in str(e.value)

@@ -162,3 +162,24 @@ def test_cuda_path_matches_cpu(dtype):
     rec_cpu = to_dense(i_cpu, v_cpu, 500) @ atoms
     rec_gpu = (to_dense(i_gpu, v_gpu, 500) @ atoms.cuda()).cpu()
     assert ((rec_cpu - rec_gpu).norm(dim=1) / x.norm(dim=1)).median() < (1e-4 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("method", ["omp", "mp"])
+@pytest.mark.parametrize("path", ["compiled", "gram", "direct", "cuda"])
+@pytest.mark.parametrize("scale", [1e25, 1e-30])
+def test_extreme_but_finite_norms_give_the_scaled_codes(method, path, scale, monkeypatch):
+    """Pursuit is linear in x: codes of s·x are s times those of x (the tolerance once overflowed)."""
+    if path == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if path != "compiled":
+        monkeypatch.setattr(pursuit, "_kernels", lambda: None)
+    dev = "cuda" if path == "cuda" else "cpu"
+    atoms = _atoms(300, 48).to(dev)
+    x = torch.randn(20, 48, generator=torch.Generator().manual_seed(3)).to(dev)
+    x = x / x.norm(dim=1, keepdim=True)
+    gram = None if path == "direct" else gram_matrix(atoms)
+    i1, v1 = encode_sparse(x, atoms, 8, method, gram=gram)
+    i2, v2 = encode_sparse(x * scale, atoms, 8, method, gram=gram)
+    assert (v1 != 0).all()
+    assert torch.equal(i2, i1)
+    torch.testing.assert_close(v2 / scale, v1, atol=1e-5, rtol=1e-4)

@@ -193,3 +193,95 @@ def test_dataset_size_is_checked_in_tokens_not_rows(tiny, recwarn):
     assert not [w for w in recwarn if "fewer" in str(w.message)]
     with pytest.warns(UserWarning, match="2,560 tokens, fewer than training_tokens=4,096"):
         ITDATrainingRunner(_cfg(tokens=4096), override_dataset=_dataset(), override_model=tiny, progress=False)
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("loss_threshold", float("nan")), ("loss_threshold", float("inf")), ("loss_threshold", -1e-3),
+     ("loss_threshold", 0.0), ("max_dict_size", -5), ("max_dict_size", 0), ("target_dict_size", 0),
+     ("k", 0), ("k", 2.5), ("k", True), ("sink_factor", 0.0), ("sink_factor", float("nan")),
+     ("n_seed_atoms", -1), ("pursuit", "lars"), ("checkpoint_every_tokens", -1)],
+)
+def test_nonsense_settings_are_refused_by_the_config(field, value):
+    with pytest.raises(ValueError, match=field):
+        ITDATrainingSAEConfig(d_in=32, **{field: value})
+    if field != "checkpoint_every_tokens":
+        with pytest.raises(ValueError, match=field):
+            ConstructionSettings(**{field: value})
+
+
+def test_infinite_sink_factor_means_no_sinks():
+    assert ITDATrainingSAEConfig(d_in=32, sink_factor=float("inf")).sink_factor == float("inf")
+
+
+def test_resume_refuses_a_checkpoint_built_with_other_settings(tiny, tmp_path):
+    _build(tiny, _cfg(tmp_path, checkpoint_every_tokens=512))
+    ckpt = tmp_path / "ckpt" / next(p.name for p in (tmp_path / "ckpt").iterdir())
+    ckpt = next(p for p in ckpt.iterdir() if p.is_dir())
+    other = _cfg(tmp_path / "again", k=8, loss_threshold=1e-3)
+    other.hook_name = "blocks.0.hook_resid_mid"
+    other.context_size = 8
+    with pytest.raises(ValueError, match="other settings") as e:
+        ITDATrainingRunner(other, override_dataset=_dataset(), override_model=tiny, progress=False, resume_from=ckpt)
+    msg = str(e.value)
+    for line in ("k: checkpoint 4, config 8", "loss_threshold: checkpoint 0.003, config 0.001",
+                 "hook_name: checkpoint 'blocks.0.hook_resid_post', config 'blocks.0.hook_resid_mid'",
+                 "context_size: checkpoint 16, config 8"):
+        assert line in msg
+    assert "pursuit" not in msg  # only what differs
+
+
+def test_model_hook_and_width_are_checked_before_the_first_batch(tiny):
+    cfg = _cfg()
+    cfg.hook_name = "blocks.0.hook_resid_pots"
+    with pytest.raises(ValueError, match="no hook 'blocks.0.hook_resid_pots' .*did you mean blocks.0.hook_resid_post"):
+        ITDATrainingRunner(cfg, override_dataset=_dataset(), override_model=tiny)
+    with pytest.raises(ValueError, match="width 32, but the config has d_in=48"):
+        ITDATrainingRunner(_cfg(d_in=48), override_dataset=_dataset(), override_model=tiny)
+    cfg = _cfg()
+    cfg.hook_name = "blocks.0.attn.hook_z"  # [heads=4, d_head=8]: measured, not d_model
+    with pytest.raises(ValueError, match="width 32, but the config has d_in=16"):
+        cfg.sae.d_in = 16
+        ITDATrainingRunner(cfg, override_dataset=_dataset(), override_model=tiny)
+    cfg = _cfg()
+    cfg.context_size = 32
+    with pytest.raises(ValueError, match="context_size=32 is longer than model 'tiny'|context of 16 tokens"):
+        ITDATrainingRunner(cfg, override_dataset=_dataset(), override_model=tiny)
+
+
+def test_an_empty_dataset_or_one_of_empty_texts_is_named(tiny, smollm2_tokenizer):
+    with pytest.raises(ValueError, match="is empty"):
+        ITDATrainingRunner(_cfg(), override_dataset=datasets.Dataset.from_dict({"input_ids": []}), override_model=tiny)
+    cfg = HookedTransformerConfig(n_layers=1, d_model=32, n_ctx=16, d_head=8, n_heads=4, d_vocab=len(smollm2_tokenizer),
+                                  act_fn="relu", seed=0)
+    model = HookedTransformer(cfg, tokenizer=smollm2_tokenizer)
+    texts = datasets.Dataset.from_dict({"text": ["", "", ""]})
+    runner = ITDATrainingRunner(_cfg(), override_dataset=texts, override_model=model, progress=False)
+    with pytest.raises(ValueError, match="yields no sequence of context_size=16 tokens"):
+        runner.run()
+
+
+def test_check_compatible_from_the_command_line(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    import sae_lens_itda.sources.models as models
+    from sae_lens_itda.cli import COMMANDS
+    from sae_lens_itda.sources import hooks
+
+    assert COMMANDS["check"][0] == hooks.__name__
+    p = argparse.ArgumentParser()
+    hooks.add_arguments(p)
+    named = {name: HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=32, n_ctx=16, d_head=8, n_heads=4,
+                                                             d_vocab=60, act_fn="relu", seed=0, model_name=name))
+             for name in ("tiny", "other")}
+    _build(named["tiny"], _cfg(tmp_path))  # metadata: model "tiny", the hook
+    monkeypatch.setattr(models, "load_model", lambda name, device="cpu": named[name])
+    hooks.run(p.parse_args([str(tmp_path / "out"), "--model", "tiny"]))
+    assert "fits tiny at blocks.0.hook_resid_post" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="built on model 'tiny', but the model given is 'other'"):
+        hooks.run(p.parse_args([str(tmp_path / "out"), "--model", "other"]))
+    with pytest.raises(ValueError, match="built at hook 'blocks.0.hook_resid_post', not 'blocks.0.hook_resid_pre'"):
+        hooks.run(p.parse_args([str(tmp_path / "out"), "--model", "tiny", "--hook", "blocks.0.hook_resid_pre"]))

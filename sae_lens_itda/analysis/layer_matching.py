@@ -20,11 +20,9 @@ representations, linear regression R²) compare raw activations of the same toke
    layers and for any depths the relative-depth error (:mod:`~sae_lens_itda.analysis.matrices`);
    heatmaps (``<pair>.png``), matrices (``<pair>.npz``), ``results.json`` and ``results.md``.
 
-Command line (``--config`` reads a YAML of :class:`LayerMatchingConfig` fields; flags override)::
-
-    python -m sae_lens_itda.analysis.layer_matching --models smollm2-135m gemma-3-270m --tokens 8000 \\
-        --out outputs/layer_matching/smollm2-vs-gemma
-    python -m sae_lens_itda.analysis.layer_matching --config configs/layer-matching-gpt2-seeds.yaml
+Command line: ``sae-lens-itda layer-matching --models smollm2-135m gemma-3-270m --out DIR`` or
+``--config configs/layer-matching-gpt2-seeds.yaml`` (a YAML of :class:`LayerMatchingConfig`
+fields; flags override it).
 """
 
 from __future__ import annotations
@@ -54,16 +52,6 @@ from sae_lens_itda.core.construction import ConstructionSettings
 from sae_lens_itda.core.sinks import SINK_FACTOR
 from sae_lens_itda.sources.corpora import load_documents
 from sae_lens_itda.sources.models import load_model
-
-__all__ = [
-    "LayerMatchingConfig",
-    "MEASURE_NAMES",
-    "compare_models",
-    "run_layer_matching",
-    "add_arguments",
-    "run",
-    "main",
-]
 
 MEASURE_NAMES = ("itda", "cka", "svcca", "relative", "linreg")
 TITLES = {"itda": "ITDA Jaccard", "cka": "linear CKA", "svcca": "SVCCA", "relative": "relative rep.", "linreg": "linear regression R²"}
@@ -434,9 +422,7 @@ def run_layer_matching(
     return results
 
 
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
+# --- command line ----------------------------------------------------------------------------
 
 
 class _ConfigError(ValueError):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sae_lens_itda.core import pursuit
+from sae_lens_itda.core import checks, pursuit
 from sae_lens_itda.core.labels import AtomLabel
 from sae_lens_itda.core.sinks import SINK_FACTOR, norm_outliers
 
@@ -43,6 +43,17 @@ class ConstructionSettings:
     nonneg: bool = False
     sink_factor: float = SINK_FACTOR
     exclude_first_position: bool = True
+
+    def __post_init__(self):
+        checks.positive_int("k", self.k)
+        checks.positive_finite("loss_threshold", self.loss_threshold)
+        checks.positive_int("max_dict_size", self.max_dict_size, allow_none=True)
+        checks.positive_int("target_dict_size", self.target_dict_size, allow_none=True)
+        checks.nonneg_int("n_seed_atoms", self.n_seed_atoms)
+        checks.pursuit(self.pursuit)
+        checks.boolean("nonneg", self.nonneg)
+        checks.above("sink_factor", self.sink_factor, 1.0)  # at or below 1, the median token is a sink
+        checks.boolean("exclude_first_position", self.exclude_first_position)
 
 
 @dataclass

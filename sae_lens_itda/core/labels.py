@@ -117,6 +117,8 @@ def make_label(
 
 def labels_to_tensor(labels: list[AtomLabel | None]) -> torch.Tensor:
     text = "\n".join(json.dumps(lab.to_dict() if lab else None, ensure_ascii=False) for lab in labels)
+    if not text:  # frombuffer refuses an empty buffer
+        return torch.zeros(0, dtype=torch.uint8)
     return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).clone()
 
 

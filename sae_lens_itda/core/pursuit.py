@@ -126,7 +126,7 @@ def _compiled_chunk(x, atoms, k, nonneg, gram, method):
     g = gram.float()
     g = (g if g.stride(-1) == 1 else g.contiguous()).numpy()  # row views of a bigger buffer are fine
     if method == "omp":
-        tol = (1e-7 * x.norm(dim=1)).numpy()
+        tol = (1e-7 * torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)).float().numpy()
         kern.omp_gram(c0.numpy(), g, k, nonneg, tol, idx.numpy(), val.numpy(), torch.get_num_threads())
     else:
         kern.mp_gram(c0.numpy(), g, k, nonneg, idx.numpy(), val.numpy(), torch.get_num_threads())
@@ -149,7 +149,8 @@ def _omp_chunk(
     rows = torch.empty(B, k, n, device=dev) if gram is not None else None
     sel_atoms = torch.zeros(B, k, d, device=dev)
     # Tolerance relative to each token's norm: a correlation this small is round-off.
-    tol = 1e-7 * x.norm(dim=1)
+    # (The norm in float64: in float32 it over/underflows beyond ~1e19 and below ~1e-23.)
+    tol = (1e-7 * torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)).float()
     active = tol > 0
     arange = torch.arange(B, device=dev)
     for t in range(k):

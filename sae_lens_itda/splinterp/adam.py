@@ -9,8 +9,8 @@ not a re-implementation.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from sae_lens.saes.sae import SAEMetadata
@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from sae_lens_itda.core.metrics import sae_reconstruct
 from sae_lens_itda.splinterp.batches import Acts, training_batches
 from sae_lens_itda.splinterp.history import Callback, HistoryPoint, Recorder
-from sae_lens_itda.splinterp.pam_sgd import check_sizes
+from sae_lens_itda.splinterp.config import TopKRunConfig
 
 if TYPE_CHECKING:
     from sae_lens.training.sae_trainer import SAETrainer
@@ -29,7 +29,7 @@ __all__ = ["AdamTopKConfig", "train_topk_adam"]
 
 
 @dataclass
-class AdamTopKConfig:
+class AdamTopKConfig(TopKRunConfig):
     """Hyper-parameters of :func:`train_topk_adam` (SAELens's TopK trainer).
 
     Defaults are SAELens's (``TopKTrainingSAEConfig`` / ``SAETrainerConfig``) except
@@ -37,8 +37,7 @@ class AdamTopKConfig:
     so both start alike.
 
     Args:
-        d_in, d_sae, k, n_epochs, max_steps, batch_size, apply_b_dec_to_input, seed,
-            device, sae_metadata: As in ``PAMSGDConfig``.
+        (shape and run fields): :class:`~sae_lens_itda.splinterp.config.TopKRunConfig`.
         lr: Adam learning rate (constant schedule).
         adam_beta1, adam_beta2: Adam betas.
         aux_loss_coefficient: Weight of SAELens's TopK auxiliary (dead-latent) loss.
@@ -51,12 +50,6 @@ class AdamTopKConfig:
             itself starts at zero).
     """
 
-    d_in: int
-    d_sae: int
-    k: int
-    n_epochs: int = 1
-    max_steps: int | None = None
-    batch_size: int = 1024
     lr: float = 3e-4
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -64,14 +57,9 @@ class AdamTopKConfig:
     dead_feature_window: int = 1000
     rescale_acts_by_decoder_norm: bool = True
     decoder_init_norm: float | None = 0.1
-    apply_b_dec_to_input: bool = True
-    init_b_dec_to_mean: bool = True
-    seed: int = 0
-    device: str = "cpu"
-    sae_metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        check_sizes(self.d_in, self.d_sae, self.k, self.batch_size, self.n_epochs)
+        super().__post_init__()
         if not math.isfinite(self.lr) or self.lr <= 0:
             raise ValueError(f"lr must be finite and > 0, got {self.lr}")
 

@@ -20,7 +20,7 @@ The result is an ordinary SAELens :class:`~sae_lens.saes.topk_sae.TopKSAE` (unti
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,9 +29,10 @@ from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 from tqdm.auto import tqdm
 
 from sae_lens_itda.splinterp.batches import Acts, training_batches
+from sae_lens_itda.splinterp.config import TopKRunConfig
 from sae_lens_itda.splinterp.history import Callback, HistoryPoint, Recorder
 
-__all__ = ["DecoderStats", "PAMSGDConfig", "check_sizes", "solve_decoder", "train_pam_sgd"]
+__all__ = ["DecoderStats", "PAMSGDConfig", "solve_decoder", "train_pam_sgd"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -39,29 +40,15 @@ __all__ = ["DecoderStats", "PAMSGDConfig", "check_sizes", "solve_decoder", "trai
 # ---------------------------------------------------------------------------------------
 
 
-def check_sizes(d_in: int, d_sae: int, k: int, batch_size: int, n_epochs: int) -> None:
-    """The size checks shared by :class:`PAMSGDConfig` and the Adam baseline's config."""
-    if d_in <= 0 or d_sae <= 0:
-        raise ValueError(f"d_in and d_sae must be positive, got {d_in}, {d_sae}")
-    if not 0 < k <= d_sae:
-        raise ValueError(f"need 0 < k <= d_sae, got k={k}, d_sae={d_sae}")
-    if batch_size <= 0 or n_epochs <= 0:
-        raise ValueError(f"batch_size and n_epochs must be positive, got {batch_size}, {n_epochs}")
-
-
 @dataclass
-class PAMSGDConfig:
+class PAMSGDConfig(TopKRunConfig):
     """Hyper-parameters of :func:`train_pam_sgd`.
 
+    The shape and run fields are :class:`~sae_lens_itda.splinterp.config.TopKRunConfig`'s;
+    the decoder solve holds a ``(d_sae+1)^2`` matrix, so memory and time grow as
+    ``d_sae^2`` / ``d_sae^3``.
+
     Args:
-        d_in: Width of the activations.
-        d_sae: Number of latents (dictionary size). The decoder solve holds a
-            ``(d_sae+1)^2`` matrix, so memory and time grow as ``d_sae^2`` / ``d_sae^3``.
-        k: Number of active latents per token (TopK). Must satisfy ``0 < k <= d_sae``.
-        n_epochs: Passes over a tensor dataset (ignored for a one-shot iterator of batches,
-            which is consumed once).
-        max_steps: Optional cap on the number of encoder steps (= batches consumed).
-        batch_size: Tokens per encoder step.
         encoder_lr: Adam learning rate of the encoder steps.
         encoder_steps_per_decoder_solve: Batches (one encoder step each) per window; the
             decoder is re-solved in closed form at the end of every window, on the codes of
@@ -80,37 +67,19 @@ class PAMSGDConfig:
             by ``decoder_prox / (ridge + decoder_prox)`` per solve; PAM-SGD has no
             dead-latent revival (re-initialising them towards high-error tokens was tried
             and did not help on synthetic data).
-        apply_b_dec_to_input: As in SAELens: subtract ``b_dec`` from the input before
-            encoding. Saved in the TopKSAE config.
-        init_b_dec_to_mean: Initialise ``b_dec`` to the mean of the first window.
         solve_dtype: Dtype of the sufficient statistics and the solve ("float64" or
             "float32").
-        seed: Seeds initialisation and shuffling.
-        device: Torch device for training; the returned SAE lives there too.
-        sae_metadata: Extra ``SAEMetadata`` fields for the returned SAE (e.g.
-            ``model_name``, ``hook_name``, needed by SAELens's ``run_evals``).
     """
 
-    d_in: int
-    d_sae: int
-    k: int
-    n_epochs: int = 1
-    max_steps: int | None = None
-    batch_size: int = 1024
     encoder_lr: float = 1e-3
     encoder_steps_per_decoder_solve: int = 8
     decoder_prox: float = 0.3
     encoder_prox: float = 0.0
     ridge: float = 1e-4
-    apply_b_dec_to_input: bool = True
-    init_b_dec_to_mean: bool = True
     solve_dtype: str = "float64"
-    seed: int = 0
-    device: str = "cpu"
-    sae_metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        check_sizes(self.d_in, self.d_sae, self.k, self.batch_size, self.n_epochs)
+        super().__post_init__()
         if self.encoder_steps_per_decoder_solve <= 0:
             raise ValueError("encoder_steps_per_decoder_solve must be positive")
         for name in ("decoder_prox", "encoder_prox", "ridge", "encoder_lr"):

@@ -1,0 +1,3 @@
+from sae_lens_itda.experiments.compare.cli import main
+
+main()
