@@ -27,7 +27,9 @@ class ITDAConfig(SAEConfig):
     Args:
         k: L0 of every code: the number of pursuit steps.
         pursuit: ``"omp"`` (orthogonal matching pursuit: coefficients refit by least squares
-            each step) or ``"mp"`` (plain matching pursuit, as in the paper's code).
+            each step), ``"ormp"`` (order-recursive MP: the same refit, but each step picks the
+            atom that most reduces the residual; SPAMS's ``omp``) or ``"mp"`` (plain matching
+            pursuit, as in the paper's code).
         nonneg: select atoms by largest positive correlation and keep coefficients >= 0.
             The default (signed) is the paper's.
         gram_max_bytes: use the precomputed atom Gram matrix (much faster pursuit) while it
@@ -38,7 +40,7 @@ class ITDAConfig(SAEConfig):
     """
 
     k: int = 40
-    pursuit: Literal["omp", "mp"] = "omp"
+    pursuit: Literal["omp", "ormp", "mp"] = "omp"
     nonneg: bool = False
     gram_max_bytes: int = 2 * 2**30
     chunk_bytes: int = _pursuit.DEFAULT_CHUNK_BYTES
@@ -55,8 +57,8 @@ class ITDAConfig(SAEConfig):
         super().__post_init__()
         if self.k < 1:
             raise ValueError(f"k must be at least 1, got {self.k}")
-        if self.pursuit not in ("omp", "mp"):
-            raise ValueError(f"pursuit must be 'omp' or 'mp', got {self.pursuit!r}")
+        if self.pursuit not in _pursuit.METHODS:
+            raise ValueError(f"pursuit must be one of {_pursuit.METHODS}, got {self.pursuit!r}")
         if self.normalize_activations != "none":
             # Pursuit codes scale linearly with the input, so there is nothing to normalise,
             # and folding a scale into unit-norm atoms would break them.
