@@ -38,6 +38,7 @@ Numerical edge cases, all per token and without Python loops over tokens:
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Literal
 
 import torch
@@ -51,20 +52,13 @@ _CHOLESKY_EPS = 1e-6
 # atoms' unit norm) a candidate is (nearly) in the span of the support and never selected.
 ORMP_EPS = 1e-4
 DEFAULT_CHUNK_BYTES = 512 * 2**20
+_EXTREME = 1e15  # norms beyond this (or below its inverse) are rescaled: see _extreme_scale
 
 
 def gram_matrix(atoms: torch.Tensor) -> torch.Tensor:
     """``atoms @ atoms.T`` in float32."""
     a = atoms.float()
     return a @ a.T
-
-
-def grow_gram(gram: torch.Tensor, atoms: torch.Tensor, n_old: int) -> torch.Tensor:
-    """Extend the Gram matrix of ``atoms[:n_old]`` to all of ``atoms`` (only new rows are computed)."""
-    a = atoms.float()
-    new = a[n_old:] @ a.T  # [n_new, n]
-    top = torch.cat([gram, new[:, :n_old].T], dim=1)
-    return torch.cat([top, new], dim=0)
 
 
 def chunk_size_for(n_atoms: int, k: int, d: int, method: str, use_gram: bool, budget: int) -> int:
@@ -101,17 +95,36 @@ def encode_sparse(
         raise ValueError(f"Activations have d_in={d} but the atoms have d_in={atoms.shape[1]}")
     k_eff = k if method == "mp" else min(k, n)
     flat = x.reshape(-1, d).float()
+    scale = _extreme_scale(flat)
+    if scale is not None:
+        flat = (flat.double() / scale.unsqueeze(1)).float()
     atoms = atoms.float()
     compiled = gram is not None and x.device.type == "cpu" and _kernels() is not None
     step = chunk_size_for(n, k, d, method, gram is not None and not compiled, chunk_bytes)
-    fn = _compiled_chunk if compiled else {"omp": _omp_chunk, "ormp": _ormp_chunk, "mp": _mp_chunk}[method]
+    fn = partial(_compiled_chunk, method=method) if compiled else {"omp": _omp_chunk, "ormp": _ormp_chunk, "mp": _mp_chunk}[method]
     idx_out = torch.zeros(flat.shape[0], k, dtype=torch.long, device=x.device)
     val_out = torch.zeros(flat.shape[0], k, dtype=torch.float32, device=x.device)
     for s in range(0, flat.shape[0], step):
-        i, v = fn(flat[s : s + step], atoms, k_eff, nonneg, gram, method)
+        i, v = fn(flat[s : s + step], atoms, k_eff, nonneg, gram)
         idx_out[s : s + step, :k_eff] = i
         val_out[s : s + step, :k_eff] = v
+    if scale is not None:
+        val_out = (val_out.double() * scale.unsqueeze(1)).float()
     return idx_out.reshape(*lead, k), val_out.reshape(*lead, k)
+
+
+def _extreme_scale(x: torch.Tensor) -> torch.Tensor | None:
+    """Per-row divisors that bring rows of extreme norm to unit norm (1 for the others), or None.
+
+    Pursuit is linear in x, so such rows are encoded at unit norm and their codes scaled back;
+    squared correlations would otherwise over- or underflow float32. Ordinary rows are left as
+    they are, bit for bit.
+    """
+    norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)
+    extreme = (norms > _EXTREME) | ((norms > 0) & (norms < 1 / _EXTREME))
+    if not extreme.any():
+        return None
+    return torch.where(extreme, norms, torch.ones_like(norms))
 
 
 def _select(alpha: torch.Tensor, nonneg: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,7 +164,7 @@ def _compiled_chunk(x, atoms, k, nonneg, gram, method):
 
 
 def _omp_chunk(
-    x: torch.Tensor, atoms: torch.Tensor, k: int, nonneg: bool, gram: torch.Tensor | None, method=None
+    x: torch.Tensor, atoms: torch.Tensor, k: int, nonneg: bool, gram: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     B, d = x.shape
     n = atoms.shape[0]
@@ -210,7 +223,7 @@ def _omp_chunk(
 
 
 def _ormp_chunk(
-    x: torch.Tensor, atoms: torch.Tensor, k: int, nonneg: bool, gram: torch.Tensor | None, method=None
+    x: torch.Tensor, atoms: torch.Tensor, k: int, nonneg: bool, gram: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ORMP by Gram-Schmidt on the support, as the compiled kernel does it.
 
@@ -240,26 +253,12 @@ def _ormp_chunk(
     p = torch.zeros(B, k, dtype=f64, device=dev)  # p[t] = <x, q_t>
     idx = torch.zeros(B, k, dtype=torch.long, device=dev)
     used = torch.zeros(B, k, dtype=torch.bool, device=dev)
-    tol2 = (1e-7 * x.norm(dim=1)) ** 2  # the score is in squared units
+    # The score is in squared units; the norm in float64 (see _omp_chunk).
+    tol2 = (1e-7 * torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)) ** 2
     active = tol2 > 0
-    arange = torch.arange(B, device=dev)
     t_used = 0
     for t in range(k):
-        while True:
-            # alpha|alpha|/nrm2 orders like alpha/||P⊥ d||, without a sqrt.
-            score = torch.where(nrm2 > ORMP_EPS, alpha * alpha.abs() / nrm2.clamp_min(ORMP_EPS), 0.0)
-            best, j = _select(score, nonneg)
-            ok = active & (best > tol2)
-            a_j = atoms[j].to(f64)
-            g_sj = torch.einsum("btd,bd->bt", S64[:, :t], a_j)
-            w = torch.linalg.solve_triangular(L[:, :t, :t], g_sj.unsqueeze(-1), upper=False).squeeze(-1)
-            diag2 = (a_j * a_j).sum(1) - (w * w).sum(1)
-            dependent = ok & (diag2 <= ORMP_EPS)
-            if not dependent.any():
-                break
-            # In the span after all: the running norm had drifted. Exclude it and pick again.
-            nrm2[arange[dependent], j[dependent]] = 0.0
-        active = ok
+        j, a_j, w, diag2, active = _ormp_pick(alpha, nrm2, atoms, S64[:, :t], L[:, :t, :t], nonneg, tol2, active)
         if not active.any():
             break
         norm = torch.where(active, diag2.clamp_min(ORMP_EPS).sqrt(), torch.ones_like(diag2))
@@ -275,16 +274,7 @@ def _ormp_chunk(
         t_used = t + 1
         if t == k - 1:
             break
-        w32, norm32 = w.float(), norm.float().unsqueeze(1)
-        if U is not None:
-            u = (gram[j] - torch.bmm(w32.unsqueeze(1), U[:, :t]).squeeze(1)) / norm32
-            U[:, t] = u
-        else:
-            q = atoms[j] - torch.bmm(w32.unsqueeze(1), Q[:, :t]).squeeze(1)
-            q = q - torch.einsum("bt,btd->bd", torch.einsum("btd,bd->bt", Q[:, :t], q), Q[:, :t])  # float32 needs a second pass
-            q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-30) * active.unsqueeze(1)
-            Q[:, t] = q
-            u = q @ atoms.T
+        u = _ormp_direction(atoms, gram, j, w.float(), norm.float(), active, U, Q, t)
         alpha -= pt.float().unsqueeze(1) * u
         nrm2 -= u * u
         # In the span of the support now; pin round-off so nothing is selected twice.
@@ -299,6 +289,40 @@ def _ormp_chunk(
     out_idx[:, :t_used] = idx[:, :t_used] * used[:, :t_used]
     out_val[:, :t_used] = coef * used[:, :t_used]
     return out_idx, out_val
+
+
+def _ormp_pick(alpha, nrm2, atoms, S64, L, nonneg, tol2, active):
+    """The next atom of each token: the best score among atoms not (numerically) in the span
+    of its support. Returns the atom index, the atom in float64, its projections ``w`` on the
+    support's orthonormal basis, ``||P⊥ d_j||²`` and which tokens still select."""
+    arange = torch.arange(alpha.shape[0], device=alpha.device)
+    while True:
+        # alpha|alpha|/nrm2 orders like alpha/||P⊥ d||, without a sqrt.
+        score = torch.where(nrm2 > ORMP_EPS, alpha * alpha.abs() / nrm2.clamp_min(ORMP_EPS), 0.0)
+        best, j = _select(score, nonneg)
+        ok = active & (best > tol2)
+        a_j = atoms[j].to(torch.float64)
+        g_sj = torch.einsum("btd,bd->bt", S64, a_j)
+        w = torch.linalg.solve_triangular(L, g_sj.unsqueeze(-1), upper=False).squeeze(-1)
+        diag2 = (a_j * a_j).sum(1) - (w * w).sum(1)
+        dependent = ok & (diag2 <= ORMP_EPS)
+        if not dependent.any():
+            return j, a_j, w, diag2, ok
+        # In the span after all: the running norm had drifted. Exclude it and pick again.
+        nrm2[arange[dependent], j[dependent]] = 0.0
+
+
+def _ormp_direction(atoms, gram, j, w, norm, active, U, Q, t):
+    """``u_t = atoms @ q_t`` for the new basis vector q_t, stored in ``U`` (Gram path) or ``Q``."""
+    if U is not None:
+        u = (gram[j] - torch.bmm(w.unsqueeze(1), U[:, :t]).squeeze(1)) / norm.unsqueeze(1)
+        U[:, t] = u
+        return u
+    q = atoms[j] - torch.bmm(w.unsqueeze(1), Q[:, :t]).squeeze(1)
+    q = q - torch.einsum("bt,btd->bd", torch.einsum("btd,bd->bt", Q[:, :t], q), Q[:, :t])  # float32 needs a second pass
+    q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-30) * active.unsqueeze(1)
+    Q[:, t] = q
+    return q @ atoms.T
 
 
 def _nnls_polish(sel_atoms: torch.Tensor, x: torch.Tensor, coef: torch.Tensor, iters: int = 100) -> torch.Tensor:
@@ -319,7 +343,7 @@ def _nnls_polish(sel_atoms: torch.Tensor, x: torch.Tensor, coef: torch.Tensor, i
 
 
 def _mp_chunk(
-    x: torch.Tensor, atoms: torch.Tensor, k: int, nonneg: bool, gram: torch.Tensor | None, method=None
+    x: torch.Tensor, atoms: torch.Tensor, k: int, nonneg: bool, gram: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Matching pursuit: pick the best-correlated atom, subtract its projection, repeat.
 
