@@ -110,7 +110,7 @@ def profile_omp(atoms: torch.Tensor, x: torch.Tensor, repeats: int) -> dict[str,
     parts = {
         "encode_sparse": lambda: encode_sparse(x, atoms, K, gram=g),
         "c0": lambda: x @ atoms.T,
-        "kernel": lambda: pk.omp_gram(cn, gn, K, False, tol, idx, val, threads),
+        "kernel": lambda: pk.omp_gram(cn, gn, K, False, tol, idx, val, threads, False, 0.0, atoms.numpy()),
         "argmax": lambda: _argmax_only(cn, K, threads),
         "gram_rows": lambda: _gram_rows_only(gn, idx, threads),
         "topk_sae": lambda: sae(x),

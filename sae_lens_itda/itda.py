@@ -30,7 +30,9 @@ class ITDAConfig(SAEConfig):
     Args:
         k: L0 of every code: the number of pursuit steps.
         pursuit: ``"omp"`` (orthogonal matching pursuit: coefficients refit by least squares
-            each step) or ``"mp"`` (plain matching pursuit, as in the paper's code).
+            each step), ``"ormp"`` (order-recursive MP: the same refit, but each step picks the
+            atom that most reduces the residual; SPAMS's ``omp``) or ``"mp"`` (plain matching
+            pursuit, as in the paper's code).
         nonneg: select atoms by largest positive correlation and keep coefficients >= 0.
             The default (signed) is the paper's.
         gram_max_bytes: use the precomputed atom Gram matrix (much faster pursuit) while it
@@ -41,7 +43,7 @@ class ITDAConfig(SAEConfig):
     """
 
     k: int = 40
-    pursuit: Literal["omp", "mp"] = "omp"
+    pursuit: Literal["omp", "ormp", "mp"] = "omp"
     nonneg: bool = False
     gram_max_bytes: int = 2 * 2**30
     chunk_bytes: int = _pursuit.DEFAULT_CHUNK_BYTES

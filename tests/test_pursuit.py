@@ -145,12 +145,6 @@ def test_chunking_does_not_change_codes():
     torch.testing.assert_close(a[1], b[1])
 
 
-def test_grow_gram_equals_full_recompute():
-    atoms = _atoms(50, 8)
-    grown = pursuit.grow_gram(gram_matrix(atoms[:30]), atoms, 30)
-    torch.testing.assert_close(grown, gram_matrix(atoms))
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_path_matches_cpu(dtype):
@@ -164,7 +158,7 @@ def test_cuda_path_matches_cpu(dtype):
     assert ((rec_cpu - rec_gpu).norm(dim=1) / x.norm(dim=1)).median() < (1e-4 if dtype == torch.float32 else 2e-2)
 
 
-@pytest.mark.parametrize("method", ["omp", "mp"])
+@pytest.mark.parametrize("method", ["omp", "ormp", "mp"])
 @pytest.mark.parametrize("path", ["compiled", "gram", "direct", "cuda"])
 @pytest.mark.parametrize("scale", [1e25, 1e-30])
 def test_extreme_but_finite_norms_give_the_scaled_codes(method, path, scale, monkeypatch):

@@ -60,6 +60,13 @@ def test_lower_threshold_gives_larger_dictionary_and_lower_error(tiny):
     assert errors[0] > errors[1] > errors[2]
 
 
+def test_ormp_builds_through_the_runner_and_is_kept_in_the_itda(tiny):
+    _, itda = _build(tiny, _cfg(pursuit="ormp"))
+    assert itda.cfg.pursuit == "ormp" and itda.cfg.d_sae > 1
+    x = _heldout(tiny)
+    assert float(((x - itda.decode(itda.encode(x))) ** 2).sum()) < float((x**2).sum())
+
+
 def test_no_bos_special_or_first_position_atoms_and_labels_point_at_their_tokens(tiny):
     runner, itda = _build(tiny, _cfg(n_seed_atoms=4))
     ds = _dataset()

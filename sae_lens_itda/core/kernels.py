@@ -11,6 +11,17 @@ needs only ``U[:, j]`` (the projections of atom j on the q_s) and one Gram row:
 which is exact OMP (Gram-Schmidt on the support) in O(n·t) per step and no solve.
 The coefficients in the atom basis come from the triangular matrix W with q_t = sum_r W[t, r] d_{j_r}.
 
+ORMP (order-recursive matching pursuit) runs the same recursion and only picks differently:
+the atom whose part orthogonal to the support best fits the residual, |alpha_j| / ||P⊥ d_j||.
+Those squared norms are a running vector too, ``nrm2 = diag(G) - sum_s U[s]²``, one more
+downdate in the same pass. The score is kept as alpha·|alpha| / nrm2 (same order, no sqrt),
+and atoms with nrm2 at or below ``eps`` (relative to their unit norm) score 0: (nearly) in the
+span of the support, their alpha/nrm2 would be round-off over round-off. These float32 running
+vectors drift, and a float32 Gram is too coarse once the support is ill-conditioned, so they
+only propose: the proposed atom's projections on the support are recomputed in float64 from
+the atoms (O(t·d)), and if it is in the span after all it is excluded and the next one taken.
+The coefficients come from the float64 W and c0, not from the running alpha.
+
 Streaming the t rows of U is the cost (n·k²/2 multiply-adds per token, bandwidth bound),
 so the argmax rides along: the pass that updates a block of alpha also records the block's
 largest score, and picking the next atom rescans one block only. LLVM does not vectorise
@@ -69,34 +80,43 @@ def _pick(alpha, bkey, nonneg):
 
 
 @njit(fastmath=True, cache=True)
+def _orth_block(U, g_row, proj, t, b0, m, tmp):
+    """tmp[:m] = (g_row - sum_{s<t} proj[s] U[s])[b0 : b0 + m].
+
+    Four rows of U a time, so each block of the running sum is loaded once per four rows.
+    Explicit index loops: they vectorise, slice expressions cost more.
+    """
+    for i in range(m):
+        tmp[i] = g_row[b0 + i]
+    s = 0
+    while s + 4 <= t:
+        p0 = np.float32(proj[s])
+        p1 = np.float32(proj[s + 1])
+        p2 = np.float32(proj[s + 2])
+        p3 = np.float32(proj[s + 3])
+        U0, U1, U2, U3 = U[s], U[s + 1], U[s + 2], U[s + 3]
+        for i in range(m):
+            tmp[i] -= p0 * U0[b0 + i] + p1 * U1[b0 + i] + p2 * U2[b0 + i] + p3 * U3[b0 + i]
+        s += 4
+    while s < t:
+        ps = np.float32(proj[s])
+        Us = U[s]
+        for i in range(m):
+            tmp[i] -= ps * Us[b0 + i]
+        s += 1
+
+
+@njit(fastmath=True, cache=True)
 def _update(U, g_row, proj, t, inv, pt, alpha, bkey, tmp, nonneg):
     """U[t] = (g_row - sum_{s<t} proj[s] U[s]) * inv;  alpha -= pt * U[t];  refresh bkey.
 
-    Block by block, four rows of U a time, so each block of the running sum is loaded
-    once per four rows. Explicit index loops: they vectorise, slice expressions cost more.
+    Block by block (``_BLOCK`` columns stay in L1 while the U rows stream past).
     """
     n = g_row.shape[0]
     for b in range(bkey.shape[0]):
         b0 = b * _BLOCK
         m = min(_BLOCK, n - b0)
-        for i in range(m):
-            tmp[i] = g_row[b0 + i]
-        s = 0
-        while s + 4 <= t:
-            p0 = np.float32(proj[s])
-            p1 = np.float32(proj[s + 1])
-            p2 = np.float32(proj[s + 2])
-            p3 = np.float32(proj[s + 3])
-            U0, U1, U2, U3 = U[s], U[s + 1], U[s + 2], U[s + 3]
-            for i in range(m):
-                tmp[i] -= p0 * U0[b0 + i] + p1 * U1[b0 + i] + p2 * U2[b0 + i] + p3 * U3[b0 + i]
-            s += 4
-        while s < t:
-            ps = np.float32(proj[s])
-            Us = U[s]
-            for i in range(m):
-                tmp[i] -= ps * Us[b0 + i]
-            s += 1
+        _orth_block(U, g_row, proj, t, b0, m, tmp)
         Ut = U[t]
         for i in range(m):
             u = tmp[i] * inv
@@ -105,26 +125,102 @@ def _update(U, g_row, proj, t, inv, pt, alpha, bkey, tmp, nonneg):
         bkey[b] = _block_key(alpha[b0 : b0 + m], nonneg)
 
 
+@njit(fastmath=True, cache=True, error_model="numpy")  # no zero-division check: the score loop vectorises
+def _update_ormp(U, g_row, proj, t, inv, pt, alpha, bkey, tmp, nonneg, eps, nrm2, score):
+    """As :func:`_update`, and nrm2 -= U[t]², score = alpha|alpha|/nrm2; bkey from the score."""
+    n = g_row.shape[0]
+    for b in range(bkey.shape[0]):
+        b0 = b * _BLOCK
+        m = min(_BLOCK, n - b0)
+        _orth_block(U, g_row, proj, t, b0, m, tmp)
+        Ut = U[t]
+        for i in range(m):
+            u = tmp[i] * inv
+            Ut[b0 + i] = u
+            a = alpha[b0 + i] - pt * u
+            alpha[b0 + i] = a
+            r = nrm2[b0 + i] - u * u
+            nrm2[b0 + i] = r
+            score[b0 + i] = a * abs(a) / r if r > eps else np.float32(0.0)
+        bkey[b] = _block_key(score[b0 : b0 + m], nonneg)
+
+
+@njit(fastmath=True, cache=True, error_model="numpy")  # no zero-division check: the score loop vectorises
+def _init_scores(alpha, diag, eps, nrm2, score):
+    for i in range(alpha.shape[0]):
+        a, r = alpha[i], diag[i]
+        nrm2[i] = r
+        score[i] = a * abs(a) / r if r > eps else np.float32(0.0)
+
+
 @njit(fastmath=True, cache=True)
-def _omp_token(c0_row, G, k, nonneg, tol, alpha, U, W, proj, p, sel, tmp, bkey, out_idx, out_val):
-    n = c0_row.shape[0]
+def _exact_proj(A, j, t, S64, W, g, proj):
+    """proj = W @ (support atoms · d_j) and ||P⊥ d_j||², in float64 from the atoms (``S64``:
+    the support's atoms). A float32 Gram's error here grows like 1e-7 times the support's
+    condition number, too coarse to tell a dependent atom from ||P⊥ d_j||² ~ 1e-4."""
+    d = A.shape[1]
+    aj = A[j]
+    nrm2 = 0.0
+    for i in range(d):
+        nrm2 += np.float64(aj[i]) * aj[i]
+    for r in range(t):
+        acc = 0.0
+        sr = S64[r]
+        for i in range(d):
+            acc += sr[i] * aj[i]
+        g[r] = acc
+    for s in range(t):
+        acc = 0.0
+        for r in range(s + 1):
+            acc += W[s, r] * g[r]
+        proj[s] = acc
+        nrm2 -= acc * acc
+    return nrm2
+
+
+@njit(fastmath=True, cache=True)
+def _pin(j, alpha, bkey, nonneg, ormp, nrm2, score):
+    """Take atom j out of the running (in the span of the support) and refresh its block's key."""
+    alpha[j] = 0.0
+    sc = alpha
+    if ormp:
+        nrm2[j] = 0.0
+        score[j] = 0.0
+        sc = score
+    b0 = (j // _BLOCK) * _BLOCK
+    bkey[j // _BLOCK] = _block_key(sc[b0 : min(alpha.shape[0], b0 + _BLOCK)], nonneg)
+
+
+@njit(fastmath=True, cache=True)
+def _omp_token(c0_row, G, k, nonneg, tol, alpha, U, W, proj, p, sel, tmp, bkey, out_idx, out_val, ormp, eps, diag, nrm2,
+               score, A, S64, g):
     alpha[:] = c0_row
-    _init_keys(alpha, bkey, nonneg)
-    t_used = 0
-    for t in range(k):
-        j = _pick(alpha, bkey, nonneg)
-        best = alpha[j] if nonneg else abs(alpha[j])
+    if ormp:  # pick by the score; tol applies to it, and it is in squared units
+        _init_scores(alpha, diag, eps, nrm2, score)
+        sc, tol = score, tol * tol
+    else:
+        sc = alpha
+    _init_keys(sc, bkey, nonneg)
+    t = 0
+    while t < k:
+        j = _pick(sc, bkey, nonneg)
+        best = sc[j] if nonneg else abs(sc[j])
         if best <= tol:
             break
-        nrm2 = G[j, j]
-        for s in range(t):
-            proj[s] = U[s, j]
-            nrm2 -= proj[s] * proj[s]
-        if nrm2 <= _EPS:
+        if ormp:
+            nrm2_j = _exact_proj(A, j, t, S64, W, g, proj)
+            if nrm2_j <= eps:  # in the span after all: exclude it and pick again
+                _pin(j, alpha, bkey, nonneg, ormp, nrm2, score)
+                continue
+            S64[t] = A[j]
+        else:
+            nrm2_j = np.float64(G[j, j])
+            for s in range(t):
+                proj[s] = U[s, j]
+                nrm2_j -= proj[s] * proj[s]
+        if nrm2_j <= _EPS:
             break  # atom j is (nearly) in the span of the support
-        inv = 1.0 / np.sqrt(nrm2)
-        pt = alpha[j] * inv
-        p[t] = pt
+        inv = 1.0 / np.sqrt(nrm2_j)
         sel[t] = j
         # W row t: q_t = (d_j - sum_s proj_s q_s) * inv
         for r in range(t):
@@ -133,22 +229,29 @@ def _omp_token(c0_row, G, k, nonneg, tol, alpha, U, W, proj, p, sel, tmp, bkey, 
                 acc -= proj[s] * W[s, r]
             W[t, r] = acc * inv
         W[t, t] = inv
-        t_used = t + 1
-        if t == k - 1:
+        if ormp:  # <x, q_t> from c0, not from the drifting alpha
+            pt = 0.0
+            for r in range(t + 1):
+                pt += W[t, r] * c0_row[sel[r]]
+        else:
+            pt = alpha[j] * inv
+        p[t] = pt
+        t += 1
+        if t == k:
             break  # the last correlation update would go unused
-        _update(U, G[j], proj, t, np.float32(inv), np.float32(pt), alpha, bkey, tmp, nonneg)
-        # Orthogonal to the support by construction; pin out round-off (and its block's key).
-        alpha[j] = 0.0
-        bj = j // _BLOCK
-        bkey[bj] = _block_key(alpha[bj * _BLOCK : min(n, (bj + 1) * _BLOCK)], nonneg)
-    for r in range(t_used):
+        if ormp:
+            _update_ormp(U, G[j], proj, t - 1, np.float32(inv), np.float32(pt), alpha, bkey, tmp, nonneg, eps, nrm2, score)
+        else:
+            _update(U, G[j], proj, t - 1, np.float32(inv), np.float32(pt), alpha, bkey, tmp, nonneg)
+        _pin(j, alpha, bkey, nonneg, ormp, nrm2, score)  # orthogonal by construction: pin out round-off
+    for r in range(t):
         acc = 0.0
-        for t in range(r, t_used):
-            acc += p[t] * W[t, r]
+        for s in range(r, t):
+            acc += p[s] * W[s, r]
         out_idx[r] = sel[r]
         out_val[r] = acc
-    if nonneg and t_used > 0:
-        _nnls(G, c0_row, sel, out_val, t_used)
+    if nonneg and t > 0:
+        _nnls(G, c0_row, sel, out_val, t)
 
 
 @njit(fastmath=True, cache=True)
@@ -173,13 +276,20 @@ def _nnls(G, c0_row, sel, z, t):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def omp_gram(c0, G, k, nonneg, tol, out_idx, out_val, n_threads):
-    """Exact OMP for every row of ``c0 = x @ atoms.T`` (float32 [B, n]); writes ``out_*[B, k]``."""
+def omp_gram(c0, G, k, nonneg, tol, out_idx, out_val, n_threads, ormp, ormp_eps, A):
+    """Exact OMP (ORMP when ``ormp``, candidates need ||P⊥ d_j||² > ``ormp_eps``) for every
+    row of ``c0 = x @ atoms.T`` (float32 [B, n]); writes ``out_*[B, k]``."""
     B, n = c0.shape
     n_blocks = min(n_threads, B)
     nb = (n + _BLOCK - 1) // _BLOCK
+    eps = np.float32(ormp_eps)
+    diag = np.empty(n, np.float32)  # read once: a strided walk down G per token would miss cache
+    for i in range(n):
+        diag[i] = G[i, i]
     for blk in prange(n_blocks):
         alpha = np.empty(n, np.float32)
+        nrm2 = np.empty(n if ormp else 0, np.float32)
+        score = np.empty(n if ormp else 0, np.float32)
         U = np.empty((k, n), np.float32)
         W = np.zeros((k, k), np.float64)
         proj = np.empty(k, np.float64)
@@ -187,8 +297,11 @@ def omp_gram(c0, G, k, nonneg, tol, out_idx, out_val, n_threads):
         sel = np.zeros(k, np.int64)
         tmp = np.empty(_BLOCK, np.float32)
         bkey = np.empty(nb, np.int32)
+        S64 = np.empty((k if ormp else 0, A.shape[1]), np.float64)
+        g = np.empty(k, np.float64)
         for b in range(blk * B // n_blocks, (blk + 1) * B // n_blocks):
-            _omp_token(c0[b], G, k, nonneg, tol[b], alpha, U, W, proj, p, sel, tmp, bkey, out_idx[b], out_val[b])
+            _omp_token(c0[b], G, k, nonneg, tol[b], alpha, U, W, proj, p, sel, tmp, bkey, out_idx[b], out_val[b],
+                       ormp, eps, diag, nrm2, score, A, S64, g)
 
 
 @njit(parallel=True, fastmath=True, cache=True)

@@ -12,6 +12,13 @@ Two ways to keep the correlations ``atoms @ residual`` up to date after each ste
 - **direct**: recompute ``residual @ atoms.T`` each step, O(n·d), for dictionaries whose
   ``G`` would not fit.
 
+Methods: ``"omp"`` picks the atom most correlated with the residual, ``|<r, d_j>|``;
+``"ormp"`` (order-recursive MP, also called OLS or forward selection; SPAMS's ``omp``) the
+one whose part orthogonal to the support fits it best, ``|<r, d_j>| / ||P⊥ d_j||``, i.e. the
+atom that most reduces the residual after the refit (OMP's pick by correlation alone need
+not). Both refit all coefficients by least squares each step. ``"mp"`` is plain matching
+pursuit.
+
 OMP keeps an incremental Cholesky factor of the selected atoms' Gram matrix, so refitting
 the coefficients by least squares each step costs O(t²) per token rather than a solve from
 scratch (as scikit-learn's ``_gram_omp``). Tokens are processed in chunks sized so that the
@@ -22,21 +29,30 @@ Numerical edge cases, all per token and without Python loops over tokens:
   slots stay empty;
 - a candidate atom (nearly) parallel to the ones already selected would make the Cholesky
   factor singular; that token stops instead (as scikit-learn does, without the warning);
+- ORMP divides by that squared norm, so a candidate whose norm, recomputed in float64, is at
+  most ``ORMP_EPS`` is skipped and the next one taken: duplicates and atoms in the span of
+  the support are never selected, and ``k`` beyond the rank stops at the rank;
 - ``k`` larger than the dictionary is clipped to the dictionary size;
 - half-precision inputs are computed in float32 (Cholesky in low precision is unsafe).
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Literal
 
 import torch
 
-Method = Literal["omp", "mp"]
+Method = Literal["omp", "ormp", "mp"]
+METHODS = ("omp", "ormp", "mp")
 
 # Below this squared norm of the orthogonal part, a new atom adds nothing but round-off.
 _CHOLESKY_EPS = 1e-6
+# ORMP divides by that squared norm, so it needs a wider margin: below this (relative to the
+# atoms' unit norm) a candidate is (nearly) in the span of the support and never selected.
+ORMP_EPS = 1e-4
 DEFAULT_CHUNK_BYTES = 512 * 2**20
+_EXTREME = 1e15  # norms beyond this (or below its inverse) are rescaled: see _extreme_scale
 
 
 def gram_matrix(atoms: torch.Tensor) -> torch.Tensor:
@@ -45,19 +61,13 @@ def gram_matrix(atoms: torch.Tensor) -> torch.Tensor:
     return a @ a.T
 
 
-def grow_gram(gram: torch.Tensor, atoms: torch.Tensor, n_old: int) -> torch.Tensor:
-    """Extend the Gram matrix of ``atoms[:n_old]`` to all of ``atoms`` (only new rows are computed)."""
-    a = atoms.float()
-    new = a[n_old:] @ a.T  # [n_new, n]
-    top = torch.cat([gram, new[:, :n_old].T], dim=1)
-    return torch.cat([top, new], dim=0)
-
-
 def chunk_size_for(n_atoms: int, k: int, d: int, method: str, use_gram: bool, budget: int) -> int:
     """Tokens per chunk so that the chunk's working set fits ``budget`` bytes."""
     per_token = 4 * (2 * n_atoms + k * d + k * k)
     if method == "omp" and use_gram:
         per_token += 4 * (k + 1) * n_atoms  # c0, and the gathered Gram rows of the support
+    if method == "ormp":  # norms and scores, U on the Gram path; float64 support atoms and L
+        per_token += 4 * (2 + (k if use_gram else 0)) * n_atoms + 8 * (k * d + k * k)
     return max(1, budget // per_token)
 
 
@@ -75,27 +85,46 @@ def encode_sparse(
     ``gram`` (``atoms @ atoms.T``) selects the Gram path; without it the direct path is used.
     Returns ``indices [..., k]`` (long) and ``values [..., k]`` (float32).
     """
-    if method not in ("omp", "mp"):
-        raise ValueError(f"Unknown pursuit method {method!r}; expected 'omp' or 'mp'")
+    if method not in METHODS:
+        raise ValueError(f"Unknown pursuit method {method!r}; expected one of {METHODS}")
     lead, d = x.shape[:-1], x.shape[-1]
     n = atoms.shape[0]
     if n == 0:
         raise ValueError("Cannot encode with an empty dictionary (0 atoms)")
     if atoms.shape[1] != d:
         raise ValueError(f"Activations have d_in={d} but the atoms have d_in={atoms.shape[1]}")
-    k_eff = min(k, n) if method == "omp" else k
+    k_eff = k if method == "mp" else min(k, n)
     flat = x.reshape(-1, d).float()
+    scale = _extreme_scale(flat)
+    if scale is not None:
+        flat = (flat.double() / scale.unsqueeze(1)).float()
     atoms = atoms.float()
     compiled = gram is not None and x.device.type == "cpu" and _kernels() is not None
     step = chunk_size_for(n, k, d, method, gram is not None and not compiled, chunk_bytes)
-    fn = _compiled_chunk if compiled else _omp_chunk if method == "omp" else _mp_chunk
+    fn = partial(_compiled_chunk, method=method) if compiled else {"omp": _omp_chunk, "ormp": _ormp_chunk, "mp": _mp_chunk}[method]
     idx_out = torch.zeros(flat.shape[0], k, dtype=torch.long, device=x.device)
     val_out = torch.zeros(flat.shape[0], k, dtype=torch.float32, device=x.device)
     for s in range(0, flat.shape[0], step):
-        i, v = fn(flat[s : s + step], atoms, k_eff, nonneg, gram, method)
+        i, v = fn(flat[s : s + step], atoms, k_eff, nonneg, gram)
         idx_out[s : s + step, :k_eff] = i
         val_out[s : s + step, :k_eff] = v
+    if scale is not None:
+        val_out = (val_out.double() * scale.unsqueeze(1)).float()
     return idx_out.reshape(*lead, k), val_out.reshape(*lead, k)
+
+
+def _extreme_scale(x: torch.Tensor) -> torch.Tensor | None:
+    """Per-row divisors that bring rows of extreme norm to unit norm (1 for the others), or None.
+
+    Pursuit is linear in x, so such rows are encoded at unit norm and their codes scaled back;
+    squared correlations would otherwise over- or underflow float32. Ordinary rows are left as
+    they are, bit for bit.
+    """
+    norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)
+    extreme = (norms > _EXTREME) | ((norms > 0) & (norms < 1 / _EXTREME))
+    if not extreme.any():
+        return None
+    return torch.where(extreme, norms, torch.ones_like(norms))
 
 
 def _select(alpha: torch.Tensor, nonneg: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,16 +154,17 @@ def _compiled_chunk(x, atoms, k, nonneg, gram, method):
     val = torch.zeros(x.shape[0], k, dtype=torch.float32)
     g = gram.float()
     g = (g if g.stride(-1) == 1 else g.contiguous()).numpy()  # row views of a bigger buffer are fine
-    if method == "omp":
+    if method in ("omp", "ormp"):
         tol = (1e-7 * torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)).float().numpy()
-        kern.omp_gram(c0.numpy(), g, k, nonneg, tol, idx.numpy(), val.numpy(), torch.get_num_threads())
+        kern.omp_gram(c0.numpy(), g, k, nonneg, tol, idx.numpy(), val.numpy(), torch.get_num_threads(),
+                      method == "ormp", ORMP_EPS, atoms.detach().contiguous().numpy())
     else:
         kern.mp_gram(c0.numpy(), g, k, nonneg, idx.numpy(), val.numpy(), torch.get_num_threads())
     return idx, val
 
 
 def _omp_chunk(
-    x: torch.Tensor, atoms: torch.Tensor, k: int, nonneg: bool, gram: torch.Tensor | None, method=None
+    x: torch.Tensor, atoms: torch.Tensor, k: int, nonneg: bool, gram: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     B, d = x.shape
     n = atoms.shape[0]
@@ -192,6 +222,109 @@ def _omp_chunk(
     return out_idx, out_val
 
 
+def _ormp_chunk(
+    x: torch.Tensor, atoms: torch.Tensor, k: int, nonneg: bool, gram: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ORMP by Gram-Schmidt on the support, as the compiled kernel does it.
+
+    With q_t the orthonormalised support and ``u_t = atoms @ q_t``, each step downdates the
+    correlations (``alpha -= <x, q_t> u_t``) and the squared norms of the atoms' parts
+    orthogonal to the support (``nrm2 -= u_t²``). Gram path: ``u_t`` from the stored rows,
+    ``(G[j] - sum_s u_s[j] u_s) / ||P⊥ d_j||``, O(n·t); direct path: q_t explicitly and one
+    [n, d] product, O(n·d).
+
+    Those running vectors drift in float32, so they only propose: the candidate's projections
+    on the support come from the Cholesky factor L and float64 dot products with the support's
+    atoms (a float32 Gram is too coarse once the support is ill-conditioned), and a candidate
+    whose ||P⊥ d_j||² is at most ``ORMP_EPS`` is excluded and another picked. The
+    coefficients are the least-squares fit on the support, from L and ``x·d_j``.
+    """
+    B, d = x.shape
+    n = atoms.shape[0]
+    dev = x.device
+    f64 = torch.float64
+    diag = gram.diagonal() if gram is not None else (atoms * atoms).sum(1)
+    alpha = x @ atoms.T
+    nrm2 = diag.expand(B, n).clone()
+    U = torch.empty(B, k, n, device=dev) if gram is not None else None
+    Q = torch.zeros(B, k, d, device=dev) if gram is None else None
+    S64 = torch.zeros(B, k, d, dtype=f64, device=dev)  # the support's atoms
+    L = torch.eye(k, dtype=f64, device=dev).repeat(B, 1, 1)  # L L^T = G[S, S]; L[t, s] = <d_{j_t}, q_s>
+    p = torch.zeros(B, k, dtype=f64, device=dev)  # p[t] = <x, q_t>
+    idx = torch.zeros(B, k, dtype=torch.long, device=dev)
+    used = torch.zeros(B, k, dtype=torch.bool, device=dev)
+    # The score is in squared units; the norm in float64 (see _omp_chunk).
+    tol2 = (1e-7 * torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)) ** 2
+    active = tol2 > 0
+    t_used = 0
+    for t in range(k):
+        j, a_j, w, diag2, active = _ormp_pick(alpha, nrm2, atoms, S64[:, :t], L[:, :t, :t], nonneg, tol2, active)
+        if not active.any():
+            break
+        norm = torch.where(active, diag2.clamp_min(ORMP_EPS).sqrt(), torch.ones_like(diag2))
+        # Inactive tokens get an inert slot (identity row, p = 0): it solves to a 0 coefficient.
+        L[:, t, :t] = w * active.unsqueeze(1)
+        L[:, t, t] = norm
+        c_j = (x.to(f64) * a_j).sum(1)
+        S64[:, t] = a_j * active.unsqueeze(1)
+        pt = torch.where(active, (c_j - (L[:, t, :t] * p[:, :t]).sum(1)) / norm, 0.0)
+        p[:, t] = pt
+        idx[:, t] = j
+        used[:, t] = active
+        t_used = t + 1
+        if t == k - 1:
+            break
+        u = _ormp_direction(atoms, gram, j, w.float(), norm.float(), active, U, Q, t)
+        alpha -= pt.float().unsqueeze(1) * u
+        nrm2 -= u * u
+        # In the span of the support now; pin round-off so nothing is selected twice.
+        nrm2.scatter_(1, idx[:, : t + 1], 0.0)
+    Lt = L[:, :t_used, :t_used].transpose(1, 2)
+    coef = torch.linalg.solve_triangular(Lt, p[:, :t_used].unsqueeze(-1), upper=True).squeeze(-1).float()
+    if nonneg and t_used:
+        sel_atoms = atoms[idx[:, :t_used]] * used[:, :t_used].unsqueeze(-1)
+        coef = _nnls_polish(sel_atoms, x, coef)
+    out_idx = torch.zeros(B, k, dtype=torch.long, device=dev)
+    out_val = torch.zeros(B, k, device=dev)
+    out_idx[:, :t_used] = idx[:, :t_used] * used[:, :t_used]
+    out_val[:, :t_used] = coef * used[:, :t_used]
+    return out_idx, out_val
+
+
+def _ormp_pick(alpha, nrm2, atoms, S64, L, nonneg, tol2, active):
+    """The next atom of each token: the best score among atoms not (numerically) in the span
+    of its support. Returns the atom index, the atom in float64, its projections ``w`` on the
+    support's orthonormal basis, ``||P⊥ d_j||²`` and which tokens still select."""
+    arange = torch.arange(alpha.shape[0], device=alpha.device)
+    while True:
+        # alpha|alpha|/nrm2 orders like alpha/||P⊥ d||, without a sqrt.
+        score = torch.where(nrm2 > ORMP_EPS, alpha * alpha.abs() / nrm2.clamp_min(ORMP_EPS), 0.0)
+        best, j = _select(score, nonneg)
+        ok = active & (best > tol2)
+        a_j = atoms[j].to(torch.float64)
+        g_sj = torch.einsum("btd,bd->bt", S64, a_j)
+        w = torch.linalg.solve_triangular(L, g_sj.unsqueeze(-1), upper=False).squeeze(-1)
+        diag2 = (a_j * a_j).sum(1) - (w * w).sum(1)
+        dependent = ok & (diag2 <= ORMP_EPS)
+        if not dependent.any():
+            return j, a_j, w, diag2, ok
+        # In the span after all: the running norm had drifted. Exclude it and pick again.
+        nrm2[arange[dependent], j[dependent]] = 0.0
+
+
+def _ormp_direction(atoms, gram, j, w, norm, active, U, Q, t):
+    """``u_t = atoms @ q_t`` for the new basis vector q_t, stored in ``U`` (Gram path) or ``Q``."""
+    if U is not None:
+        u = (gram[j] - torch.bmm(w.unsqueeze(1), U[:, :t]).squeeze(1)) / norm.unsqueeze(1)
+        U[:, t] = u
+        return u
+    q = atoms[j] - torch.bmm(w.unsqueeze(1), Q[:, :t]).squeeze(1)
+    q = q - torch.einsum("bt,btd->bd", torch.einsum("btd,bd->bt", Q[:, :t], q), Q[:, :t])  # float32 needs a second pass
+    q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-30) * active.unsqueeze(1)
+    Q[:, t] = q
+    return q @ atoms.T
+
+
 def _nnls_polish(sel_atoms: torch.Tensor, x: torch.Tensor, coef: torch.Tensor, iters: int = 100) -> torch.Tensor:
     """Non-negative least squares on each token's (small) support by projected coordinate descent.
 
@@ -210,7 +343,7 @@ def _nnls_polish(sel_atoms: torch.Tensor, x: torch.Tensor, coef: torch.Tensor, i
 
 
 def _mp_chunk(
-    x: torch.Tensor, atoms: torch.Tensor, k: int, nonneg: bool, gram: torch.Tensor | None, method=None
+    x: torch.Tensor, atoms: torch.Tensor, k: int, nonneg: bool, gram: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Matching pursuit: pick the best-correlated atom, subtract its projection, repeat.
 
