@@ -36,8 +36,9 @@ def test_matching_pursuit_replay_passes_gradcheck(nonneg):
     assert torch.autograd.gradcheck(lambda x, a: matching_pursuit_replay(x, a, idx, nonneg), (x, atoms))
 
 
-@pytest.mark.parametrize("cfg", [{"pursuit": "omp"}, {"pursuit": "omp", "nonneg": True}, {"pursuit": "mp"},
-                                 {"pursuit": "mp", "nonneg": True}], ids=["omp", "omp-nonneg", "mp", "mp-nonneg"])
+@pytest.mark.parametrize("cfg", [{"pursuit": "omp"}, {"pursuit": "omp", "nonneg": True}, {"pursuit": "ormp"},
+                                 {"pursuit": "mp"}, {"pursuit": "mp", "nonneg": True}],
+                         ids=["omp", "omp-nonneg", "ormp", "mp", "mp-nonneg"])
 def test_encode_gradient_matches_finite_differences(cfg):
     itda = _itda(**cfg)
     g = torch.Generator().manual_seed(3)
