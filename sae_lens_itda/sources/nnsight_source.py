@@ -188,6 +188,7 @@ def load_nnsight_model(name: str, device: str = "cpu", **kwargs: Any) -> NNsight
     retry, doubling), and anything ``LanguageModel`` takes (``dtype``, ``device_map``, ...).
     Embedded names load their cached Hugging Face copy, offline and in float32.
     """
+    import nnsight
     from nnsight import LanguageModel
 
     remote = kwargs.pop("remote", False)
@@ -202,7 +203,7 @@ def load_nnsight_model(name: str, device: str = "cpu", **kwargs: Any) -> NNsight
         kwargs.setdefault("device_map", device)
     source = str(embedded_model_dir(name)) if name in EMBEDDED_MODELS else name
     with warnings.catch_warnings():  # nnsight 0.8 names LanguageModel deprecated; it is TransformersModel's alias
-        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", getattr(nnsight, "NNsightDeprecationWarning", FutureWarning))
         # Remote: only the architecture, on the meta device; the weights stay on NDIF.
         lm = LanguageModel(source, dispatch=not remote, **kwargs)
     return NNsightLM(lm, name, {"remote": True} if remote else {}, max_retries=retries, retry_backoff_s=backoff)
