@@ -365,9 +365,18 @@ def _is_embedded_corpus(name: str) -> bool:
 def _load_model(cfg: LanguageModelSAERunnerConfig):
     from sae_lens_itda.sources.models import load_model
 
+    device = cfg.llm_device or cfg.device
+    if cfg.model_class_name == "LanguageModel":  # nnsight: local, or on NDIF with remote=True
+        from sae_lens_itda.sources.nnsight_source import load_nnsight_model
+
+        return load_nnsight_model(cfg.model_name, device=device, **(cfg.model_from_pretrained_kwargs or {}))
+    if cfg.model_class_name == "AutoModelForCausalLM" and "offload_folder" in (cfg.model_from_pretrained_kwargs or {}):
+        from sae_lens_itda.sources.offload import load_offloaded  # one GPU, truncated after the hook
+
+        return load_offloaded(cfg.model_name, cfg.hook_name, **cfg.model_from_pretrained_kwargs)
     # SAELens defaults these kwargs for TransformerLens loading; embedded models take none.
     kwargs = {} if _is_embedded_model(cfg.model_name) else dict(cfg.model_from_pretrained_kwargs or {})
-    return load_model(cfg.model_name, device=cfg.llm_device or cfg.device, model_class_name=cfg.model_class_name, **kwargs)
+    return load_model(cfg.model_name, device=device, model_class_name=cfg.model_class_name, **kwargs)
 
 
 def _maybe_wandb(cfg: LanguageModelSAERunnerConfig):

