@@ -22,6 +22,7 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "smollm2-135m
 # name -> (module with add_arguments/run, help). train, demo and eval are defined below.
 COMMANDS = {
     "compare": ("sae_lens_itda.experiments.compare.cli", "ITDAs beside SAELens TopK SAEs on the same tokens: table and plots"),
+    "mirror-models": ("sae_lens_itda.sources.mirror", "write the embedded models into DIR as a Hugging Face cache under their Hub names"),
     "layer-matching": ("sae_lens_itda.analysis.layer_matching", "layer-by-layer similarity of two or more models"),
     "publish": ("sae_lens_itda.io.hub", "publish saved ITDA dictionaries on the Hugging Face Hub"),
     "saebench": ("sae_lens_itda.evaluation.saebench", "run a SAEBench eval on ITDAs and SAELens SAEs"),

@@ -6,8 +6,31 @@ model and hook it is attached to; :func:`check_compatible` does.
 
 from __future__ import annotations
 
+import difflib
+
 import torch
 from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name
+
+from sae_lens_itda.sources.models import EMBEDDED_MODELS, max_context, model_name_of
+
+
+def _aliases(name: str) -> set[str]:
+    """A model's names: as given, without its Hub namespace, and an embedded model's Hub id."""
+    hub_id = EMBEDDED_MODELS[name].hub_id if name in EMBEDDED_MODELS else name
+    return {name, name.split("/")[-1], hub_id, hub_id.split("/")[-1]}
+
+
+def check_model_fits(model, hook_name: str, context_size: int) -> None:
+    """Raise ``ValueError`` before any forward pass if ``model`` has no hook ``hook_name`` or
+    takes fewer than ``context_size`` tokens."""
+    hooks = getattr(model, "hook_dict", None)
+    if hooks is not None and hook_name not in hooks:
+        near = difflib.get_close_matches(hook_name, list(hooks), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
+        raise ValueError(f"Model {model_name_of(model)!r} has no hook {hook_name!r}{hint}")
+    n_ctx = max_context(model)
+    if n_ctx is not None and context_size > n_ctx:
+        raise ValueError(f"context_size {context_size} is longer than model {model_name_of(model)!r} takes ({n_ctx} tokens)")
 
 
 def check_compatible(itda, model, hook_name: str | None = None) -> None:
@@ -20,8 +43,8 @@ def check_compatible(itda, model, hook_name: str | None = None) -> None:
     the dictionary lacks is not checked.
     """
     md = itda.cfg.metadata
-    ours, theirs = md.model_name, getattr(model.cfg, "model_name", None)
-    if ours and theirs and ours != theirs and ours.split("/")[-1] != theirs.split("/")[-1]:
+    ours, theirs = md.model_name, model_name_of(model)
+    if ours and theirs and not _aliases(ours) & _aliases(theirs):
         raise ValueError(f"This ITDA was built on model {ours!r}, but the model given is {theirs!r}")
     hook = hook_name or md.hook_name
     if hook_name and md.hook_name and hook_name != md.hook_name:
