@@ -64,9 +64,12 @@ def evaluate_cmd(args: argparse.Namespace) -> None:
     from sae_lens_itda.itda import ITDA
     from sae_lens_itda.sources.models import load_model
 
-    itda = ITDA.load_from_disk(args.path)
-    model = load_model(itda.cfg.metadata.model_name)
-    print(json.dumps(evaluate(itda, model, n_tokens=args.eval_tokens, ce_batches=args.ce_batches), indent=2))
+    itda = ITDA.load_from_disk(args.path, device=args.device)
+    md = itda.cfg.metadata
+    model = load_model(md.model_name, device=args.device, model_class_name=args.model_class_name or md.model_class_name,
+                       **(md.model_from_pretrained_kwargs or {}))
+    print(json.dumps(evaluate(itda, model, corpus=args.dataset, split=args.split, n_tokens=args.eval_tokens,
+                              ce_batches=args.ce_batches), indent=2))
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -123,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("path")
     ev.add_argument("--eval-tokens", type=int, default=20_000)
     ev.add_argument("--ce-batches", type=int, default=10, help="held-out batches of 8 windows for CE/KL")
+    ev.add_argument("--dataset", default="shakespeare", help="embedded corpus, Hub dataset or local folder (streamed)")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--model-class-name", default=None, help="default: the one the dictionary was built with")
     ev.set_defaults(fn=evaluate_cmd)
     for name, (module_name, hlp) in COMMANDS.items():
         module = importlib.import_module(module_name)

@@ -51,11 +51,17 @@ def _open(source: TextSource):
     if source.is_embedded():
         ds = load_documents(source.dataset, source.split)
         return ds, ds.column_names
-    ds = load_dataset(source.dataset, split=source.split, streaming=source.streaming, revision=source.revision)
+    empty = ValueError(f"Dataset {source.dataset!r} (split {source.split!r}) is empty")
+    try:
+        ds = load_dataset(source.dataset, split=source.split, streaming=source.streaming, revision=source.revision)
+    except StopIteration:  # what datasets raises for empty data files
+        raise empty from None
     columns = ds.column_names
     if columns is None:
         first = next(iter(ds), None)
-        columns = [] if first is None else list(first)
+        if first is None:
+            raise empty
+        columns = list(first)
     return ds, list(columns)
 
 

@@ -68,7 +68,7 @@ def _hook_width(model, hook: str, head_index: int | None) -> int | None:
     if not hasattr(model, "run_with_cache"):
         return None
     _, cache = model.run_with_cache(
-        torch.zeros(1, 2, dtype=torch.long), names_filter=hook, stop_at_layer=extract_stop_at_layer_from_tlens_hook_name(hook)
+        torch.zeros(1, 2, dtype=torch.long), names_filter=[hook], stop_at_layer=extract_stop_at_layer_from_tlens_hook_name(hook)
     )
     act = cache[hook][0, 0]
     if head_index is not None:
