@@ -25,3 +25,15 @@ def test_bad_config_names_the_file(tmp_path):
     (tmp_path / "nosae.yaml").write_text("model_name: x\n")
     with pytest.raises(ValueError, match="sae:"):
         load_runner_config(tmp_path / "nosae.yaml")
+
+
+# Datasets that need a loading script, which datasets >= 4 refuses.
+LOADING_SCRIPT_DATASETS = {"Skylion007/openwebtext", "openwebtext", "the_pile", "EleutherAI/pile"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_configs_load_with_todays_datasets_and_transformers(path):
+    cfg = load_runner_config(path)
+    assert cfg.dataset_path not in LOADING_SCRIPT_DATASETS
+    # transformers 5 lets `dtype` win over `torch_dtype`: configs say `dtype`.
+    assert "torch_dtype" not in (cfg.model_from_pretrained_kwargs or {})
