@@ -301,3 +301,17 @@ def test_asked_dtype_is_what_the_model_gets(monkeypatch):
     assert calls[1][3] == {"dtype": "bfloat16", "device_map": "auto"}
     with pytest.raises(ValueError, match="Conflicting dtypes"):
         load_model("gpt2", dtype=torch.float32, torch_dtype=torch.bfloat16)
+
+
+@pytest.mark.real_model
+def test_saebench_needs_no_stand_in_loader_for_gemma_in_the_mirror(hf_home, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from sae_lens_itda.evaluation.saebench import _needs_embedded_loader
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+    assert not _needs_embedded_loader("gemma-3-270m")  # TransformerLens loads it by name
+    assert _needs_embedded_loader("smollm2-135m")  # TransformerLens does not list SmolLM2
+    assert not _needs_embedded_loader("gpt2")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert _needs_embedded_loader("gemma-3-270m")
