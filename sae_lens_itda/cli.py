@@ -27,6 +27,7 @@ COMMANDS = {
     "dashboard": ("sae_lens_itda.analysis.dashboard", "SAEDashboard feature dashboards for ITDA atoms: signed, sinks left out, labelled"),
     "explain": ("sae_lens_itda.analysis.explain", "per token of a text, the labelled atoms that reconstruct it"),
     "export-neuronpedia": ("sae_lens_itda.analysis.neuronpedia", "an ITDA in Neuronpedia's upload layout, atom labels as explanations"),
+    "mirror-models": ("sae_lens_itda.sources.mirror", "write the embedded models into DIR as a Hugging Face cache under their Hub names"),
     "layer-matching": ("sae_lens_itda.analysis.layer_matching", "layer-by-layer similarity of two or more models"),
     "publish": ("sae_lens_itda.io.hub", "publish saved ITDA dictionaries on the Hugging Face Hub"),
     "saebench": ("sae_lens_itda.evaluation.saebench", "run a SAEBench eval on ITDAs and SAELens SAEs"),
@@ -76,12 +77,15 @@ def evaluate_cmd(args: argparse.Namespace) -> None:
     from sae_lens_itda.sources.models import load_model
 
     check_eval_settings(args.eval_tokens, args.ce_batches)  # before the slow part
-    itda = ITDA.load_from_disk(args.path)
-    name = args.model or itda.cfg.metadata.model_name
+    itda = ITDA.load_from_disk(args.path, device=args.device)
+    md = itda.cfg.metadata
+    name = args.model or md.model_name
     if not name:
         raise ValueError(f"{args.path} does not record the model it was built on: pass --model")
-    model = load_model(name)
-    print(json.dumps(evaluate(itda, model, n_tokens=args.eval_tokens, ce_batches=args.ce_batches), indent=2))
+    model = load_model(name, device=args.device, model_class_name=args.model_class_name or md.model_class_name,
+                       **(md.model_from_pretrained_kwargs or {}))
+    print(json.dumps(evaluate(itda, model, corpus=args.dataset, split=args.split, n_tokens=args.eval_tokens,
+                              ce_batches=args.ce_batches), indent=2))
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -140,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", default=None, help="the model to evaluate on (default: the one the dictionary records)")
     ev.add_argument("--eval-tokens", type=int, default=20_000)
     ev.add_argument("--ce-batches", type=int, default=10, help="held-out batches of 8 windows for CE/KL")
+    ev.add_argument("--dataset", default="shakespeare", help="embedded corpus, Hub dataset or local folder (streamed)")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--model-class-name", default=None, help="default: the one the dictionary was built with")
     ev.set_defaults(fn=evaluate_cmd)
     for name, (module_name, hlp) in COMMANDS.items():
         module = importlib.import_module(module_name)

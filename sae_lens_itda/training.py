@@ -24,6 +24,8 @@ from typing_extensions import override
 from sae_lens_itda.sources.activation_cache import read_activation_cache
 from sae_lens_itda.sources.activations import window_dataset_store
 from sae_lens_itda.core import checks
+from sae_lens_itda.sources.documents import runner_windows, tokenizer_fingerprint
+from sae_lens_itda.sources.models import load_tokenizer
 from sae_lens_itda.core.construction import Builder, ConstructionSettings
 from sae_lens_itda.core.labels import AtomLabel, make_label
 from sae_lens_itda.io.atomic import atomic_dir
@@ -155,19 +157,20 @@ class ITDATrainingRunner:
         self.checkpoint_dir = None if cfg.checkpoint_path is None else Path(
             self.resume_from.parent if self.resume_from else cfg.checkpoint_path)
         self.model = None if cfg.use_cached_activations else (override_model or _load_model(cfg))
-        dataset = override_dataset
-        if dataset is None and self.model is not None and _is_embedded_corpus(cfg.dataset_path):
-            from sae_lens_itda.sources.corpora import load_token_dataset
-
-            dataset = load_token_dataset(cfg.dataset_path, self.model.tokenizer, cfg.context_size, split="train")
-            # Windows come in document order; a seeded shuffle mixes works into every batch.
-            dataset = dataset.shuffle(seed=cfg.seed).flatten_indices()
+        if self.model is not None:  # before any batch: a wrong hook, width or context fails here, by name
+            check_hook(self.model, cfg.hook_name, cfg.sae.d_in, cfg.hook_head_index, cfg.context_size)
+        # Cached activations come without a model: load its tokenizer alone, for labels' text.
+        self.tokenizer = load_tokenizer(cfg.model_name, cfg.model_class_name) if self.model is None else self.model.tokenizer
+        dataset, self.stream = override_dataset, None
+        if dataset is None and self.model is not None:  # documents cut into windows with their anchors
+            dataset, self.stream = runner_windows(cfg, self.tokenizer)
+        elif dataset is None and self.tokenizer is not None:
+            self.stream = {"cached_activations_path": str(cfg.cached_activations_path), "tokenizer":
+                           self.tokenizer.name_or_path, "tokenizer_fingerprint": tokenizer_fingerprint(self.tokenizer)}
         # The store narrows the dataset's format to input_ids; labels read the other columns.
         self.dataset = dataset.with_format(None) if hasattr(dataset, "with_format") else dataset
         if dataset is not None and hasattr(dataset, "__len__") and len(dataset) == 0:
             raise ValueError(f"The dataset {cfg.dataset_path or '(given)'} is empty")
-        if self.model is not None:  # before any batch: a wrong hook or width fails here, by name
-            check_hook(self.model, cfg.hook_name, cfg.sae.d_in, cfg.hook_head_index, cfg.context_size)
         if cfg.use_cached_activations:
             self.store = None
             self.cached = read_activation_cache(cfg.cached_activations_path, cfg.hook_name, cfg.context_size,
@@ -178,10 +181,9 @@ class ITDATrainingRunner:
             if "input_ids" in getattr(dataset, "column_names", ()) and len(dataset) * cfg.context_size < cfg.training_tokens:
                 warnings.warn(f"The dataset holds {len(dataset) * cfg.context_size:,} tokens, fewer than "
                               f"training_tokens={cfg.training_tokens:,}: windows will be reused", stacklevel=2)
-        tokenizer = getattr(self.model, "tokenizer", None)
-        self.tokenizer = tokenizer
-        special = [] if tokenizer is None else sorted({i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id,
-                                                                    tokenizer.pad_token_id, tokenizer.unk_token_id) if i is not None})
+        tok = self.tokenizer
+        special = [] if tok is None else sorted({i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id,
+                                                             tok.unk_token_id) if i is not None})
         self.builder = Builder(cfg.sae.d_in, cfg.sae.settings(), special_token_ids=special)
         self.timings = {"activations_s": 0.0, "construction_s": 0.0}
 
@@ -289,6 +291,8 @@ class ITDATrainingRunner:
         md.training_tokens = self.builder.tokens_seen
         md.training_architecture = "itda"
         md.construction = {**_jsonable(self.cfg.sae.settings().__dict__), "final_threshold": self.builder.threshold}
+        if self.stream is not None:
+            md.dataset_stream = self.stream
         return itda
 
     # --- checkpoints --------------------------------------------------------------------

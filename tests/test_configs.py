@@ -48,9 +48,20 @@ def test_eval_without_a_model_name_or_with_no_tokens_is_refused_early(tmp_path):
     from sae_lens_itda.cli import evaluate_cmd
 
     ITDA.from_atoms(torch.randn(10, 8), k=2).save_model(tmp_path / "d")  # no metadata.model_name
-    args = argparse.Namespace(path=str(tmp_path / "d"), model=None, eval_tokens=100, ce_batches=0)
+    args = argparse.Namespace(path=str(tmp_path / "d"), model=None, eval_tokens=100, ce_batches=0, device="cpu",
+                              dataset="shakespeare", split="test", model_class_name=None)
     with pytest.raises(ValueError, match="does not record the model it was built on: pass --model"):
         evaluate_cmd(args)
     args.eval_tokens = 0
     with pytest.raises(ValueError, match="--eval-tokens"):
         evaluate_cmd(args)
+# Datasets that need a loading script, which datasets >= 4 refuses.
+LOADING_SCRIPT_DATASETS = {"Skylion007/openwebtext", "openwebtext", "the_pile", "EleutherAI/pile"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_configs_load_with_todays_datasets_and_transformers(path):
+    cfg = load_runner_config(path)
+    assert cfg.dataset_path not in LOADING_SCRIPT_DATASETS
+    # transformers 5 lets `dtype` win over `torch_dtype`: configs say `dtype`.
+    assert "torch_dtype" not in (cfg.model_from_pretrained_kwargs or {})

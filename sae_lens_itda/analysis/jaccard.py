@@ -57,6 +57,8 @@ class LabelSet:
     def __init__(self, d: Any, name: str):
         self.name = name
         self.labels = _labels_of(d, name)
+        stream = getattr(getattr(getattr(d, "cfg", None), "metadata", None), "dataset_stream", None) or {}
+        self.tokenizer = stream.get("tokenizer_fingerprint")  # None: unknown (a bare label list)
         self.n_with_span = sum(map(_has_span, self.labels))
         self.exact = frozenset((int(x.seq_index), int(x.position)) for x in self.labels)
         self._spans: dict[str, list[tuple[int, int]]] | None = None
@@ -90,11 +92,17 @@ def _label_set(x: Any, name: str) -> LabelSet:
 def _resolve_match(la: LabelSet, lb: LabelSet, match: str) -> str:
     if match not in _MATCH_MODES:
         raise ValueError(f"match must be one of {_MATCH_MODES}, got {match!r}")
+    n_all, n_span = len(la.labels) + len(lb.labels), la.n_with_span + lb.n_with_span
+    if match == "auto" and n_span == n_all:
+        return "char_overlap"
+    if match != "char_overlap" and la.tokenizer and lb.tokenizer and la.tokenizer != lb.tokenizer:
+        # Positions in two tokenizers' windows name different text: comparing them means nothing.
+        raise ValueError(f"{la.name} and {lb.name} were built with different tokenizers, so (seq_index, position) "
+                         f"matching compares unrelated tokens; {n_all - n_span} of {n_all} atom labels have no "
+                         "document anchor (doc_id, char_span). Compare anchored labels with match='char_overlap' "
+                         "(a dictionary built from a text dataset has them).")
     if match != "auto":
         return match
-    n_all, n_span = len(la.labels) + len(lb.labels), la.n_with_span + lb.n_with_span
-    if n_span == n_all:
-        return "char_overlap"
     if n_span:
         warnings.warn(
             f"{n_all - n_span} of {n_all} atom labels lack doc_id/char_span; "
@@ -167,6 +175,8 @@ def itda_jaccard(a: Any, b: Any, match: str = "auto") -> float:
 
     ``match="auto"`` (default) -- ``char_overlap`` when every labelled atom of both sides has a
     ``doc_id`` and ``char_span``, else ``exact`` (with a warning if only some have them).
+    ``exact`` matching of two dictionaries whose metadata records different tokenizers
+    (``metadata.dataset_stream``) raises ``ValueError`` instead.
 
     Identical label sets give 1, disjoint ones 0, and ``J(a, b) == J(b, a)``.
     Raises ``ValueError`` if neither side has any labelled atom.

@@ -18,7 +18,9 @@ from sae_lens_itda.core.metrics import sae_metrics
 from sae_lens_itda.core.sinks import SINK_FACTOR
 from sae_lens_itda.evaluation.ce_kl import SplicedCE
 from sae_lens_itda.sources.activations import cached_activations, collect_activations, window_dataset_store
+from sae_lens_itda.sources.documents import TextSource, document_windows
 from sae_lens_itda.sources.hooks import check_compatible
+from sae_lens_itda.sources.models import model_name_of
 
 
 def evaluate(
@@ -31,13 +33,17 @@ def evaluate(
     ce_batches: int = 10,
     ce_batch_prompts: int = 8,
 ) -> dict[str, Any]:
-    """Reconstruction on held-out activations (with and without sinks) plus CE-loss/KL scores."""
+    """Reconstruction on held-out activations (with and without sinks) plus CE-loss/KL scores.
+
+    ``corpus`` is the embedded corpus or any text dataset (a Hub name or local folder, streamed),
+    read from its start as whole-document windows of ``split``.
+    """
     check_eval_settings(n_tokens, ce_batches)
     hook = sae.cfg.metadata.hook_name
     if hook is None:
         raise ValueError("The dictionary does not record its hook (cfg.metadata.hook_name): set it before evaluating")
     check_compatible(sae, model)
-    acts = cached_activations(model.cfg.model_name, hook, split=split, n_tokens=n_tokens,
+    acts = cached_activations(model_name_of(model), hook, split=split, n_tokens=n_tokens,
                               context_size=context_size, corpus=corpus, exclude_sinks=False, model=model)
     out: dict[str, Any] = {"dict_size": sae.cfg.d_sae, "n_sinks": int(acts.is_sink.sum())}
     out["without_sinks"] = sae_metrics(sae, acts.acts[~acts.is_sink])
@@ -57,9 +63,7 @@ def check_eval_settings(n_tokens: int, ce_batches: int) -> None:
 
 def _ce_windows(sae, model, corpus: str, split: str, context_size: int, n_windows: int) -> torch.Tensor:
     """The held-out windows ``run_evals`` scores: SAELens's store over the corpus, in order."""
-    from sae_lens_itda.sources.corpora import load_token_dataset
-
-    ds = load_token_dataset(corpus, model.tokenizer, context_size, split=split)
+    ds = document_windows(TextSource(corpus, split), model.tokenizer, context_size, n_windows)
     with window_dataset_store():
         store = ActivationsStore.from_sae(model, sae, dataset=ds, context_size=context_size, streaming=False,
                                           store_batch_size_prompts=n_windows, device=str(sae.device))

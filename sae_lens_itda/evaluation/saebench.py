@@ -124,20 +124,21 @@ def for_saebench(sae: SAE) -> SAE:
 def embedded_models(*preloaded: Any, device: str = "cpu") -> Iterator[None]:
     """Inside, ``HookedTransformer.from_pretrained_no_processing`` knows the embedded models' names.
 
-    SAEBench's entry points load their model by name, and neither embedded model is a name
-    TransformerLens can load offline. ``preloaded`` HookedTransformers are returned as they are
-    (by ``cfg.model_name``); other embedded names load once with
-    :func:`sae_lens_itda.sources.models.load_model`; any other name goes to TransformerLens unchanged.
+    SAEBench's entry points load their model by name with TransformerLens, which does not list
+    SmolLM2, and finds Gemma-3-270m offline only in a Hub cache written by ``sae-lens-itda
+    mirror-models`` (with ``HF_HOME`` pointing at it). ``preloaded`` HookedTransformers are returned
+    as they are (by ``cfg.model_name``); other embedded names TransformerLens cannot load load once
+    with :func:`sae_lens_itda.sources.models.load_model`; any other name goes to TransformerLens unchanged.
     """
     from transformer_lens import HookedTransformer
 
-    from sae_lens_itda.sources.models import EMBEDDED_MODELS, load_model
+    from sae_lens_itda.sources.models import load_model
 
     models = {m.cfg.model_name: m for m in preloaded}
     original = HookedTransformer.__dict__["from_pretrained_no_processing"]
 
     def from_pretrained_no_processing(cls, model_name: str, *args: Any, **kwargs: Any):
-        if model_name not in EMBEDDED_MODELS:
+        if model_name not in models and not _needs_embedded_loader(model_name):
             return original.__func__(cls, model_name, *args, **kwargs)
         if model_name not in models:
             dtype = kwargs.pop("dtype", torch.float32)
@@ -150,6 +151,18 @@ def embedded_models(*preloaded: Any, device: str = "cpu") -> Iterator[None]:
         yield
     finally:
         HookedTransformer.from_pretrained_no_processing = original
+
+
+def _needs_embedded_loader(model_name: str) -> bool:
+    """An embedded model that TransformerLens cannot load by name from the Hub cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from sae_lens_itda.sources.models import EMBEDDED_MODELS
+
+    spec = EMBEDDED_MODELS.get(model_name)
+    if spec is None:
+        return False
+    return spec.tl_name is None or not isinstance(try_to_load_from_cache(spec.hub_id, "config.json"), str)
 
 
 def local_text_dataset(corpus: str = "shakespeare", split: str = "test") -> Path:

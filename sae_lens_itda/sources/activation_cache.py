@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sae_lens_itda.sources.activations import window_dataset_store
+from sae_lens_itda.sources.models import model_name_of
 
 
 def read_activation_cache(path: str | Path | None, hook_name: str, context_size: int, d_in: int):
@@ -45,7 +46,7 @@ def _store(model, dataset, hook_name: str, d_in: int, context_size: int, batch_p
     from sae_lens.training.activations_store import ActivationsStore
 
     cfg = LanguageModelSAERunnerConfig(
-        sae=TopKTrainingSAEConfig(d_in=d_in, d_sae=1, k=1), model_name=model.cfg.model_name, hook_name=hook_name,
+        sae=TopKTrainingSAEConfig(d_in=d_in, d_sae=1, k=1), model_name=model_name_of(model), hook_name=hook_name,
         dataset_path="", context_size=context_size, training_tokens=len(dataset) * context_size,
         store_batch_size_prompts=batch_prompts, train_batch_size_tokens=context_size,
         n_batches_in_buffer=1, device=device, checkpoint_path=None, verbose=False,
@@ -113,7 +114,7 @@ class ActivationCache:
         self.provenance = dict(provenance or {})
 
     def _key(self, rows: int) -> dict[str, Any]:
-        return {"model": self.model.cfg.model_name, "hook": self.hook_name, "context_size": self.context_size,
+        return {"model": model_name_of(self.model), "hook": self.hook_name, "context_size": self.context_size,
                 "rows": rows, "first_row": [int(t) for t in self.dataset[0]["input_ids"][:8]], **self.provenance}
 
     def path(self, rows: int) -> Path:

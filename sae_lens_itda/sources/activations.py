@@ -195,16 +195,17 @@ def cached_activations(
 
 
 def _compute_and_save(path: Path, key: dict, batch_size: int, model, device: str) -> dict[str, torch.Tensor]:
-    from sae_lens_itda.sources.corpora import load_documents, tokenize_documents
-    from sae_lens_itda.sources.models import load_model
+    from sae_lens_itda.sources.documents import TextSource, document_windows
+    from sae_lens_itda.sources.models import load_model, model_name_of
 
     name = key["model_name"]
     if model is None:
         model = load_model(name, device=device)
-    elif model.cfg.model_name != name:
-        raise ValueError(f"model is {model.cfg.model_name!r} but model_name is {name!r}")
-    docs = load_documents(key["corpus"], key["split"])
-    windows = tokenize_documents(docs, model.tokenizer, key["context_size"], prepend_bos=key["prepend_bos"])
+    elif model_name_of(model) != name:
+        raise ValueError(f"model is {model_name_of(model)!r} but model_name is {name!r}")
+    n_windows = -(-key["n_tokens"] // key["context_size"])
+    windows = document_windows(TextSource(key["corpus"], key["split"]), model.tokenizer, key["context_size"],
+                               n_windows, prepend_bos=key["prepend_bos"])
     acts = collect_activations(model, key["hook_name"], windows, key["n_tokens"], batch_size, exclude_sinks=False)
     tensors = {k: getattr(acts, k).contiguous() for k in _TENSORS}
     meta = {"model": name, "hook": key["hook_name"], "corpus": key["corpus"], "split": key["split"],

