@@ -63,6 +63,7 @@ def _build(acts, backend, gram_max_bytes=2 * 2**30):
 
 
 @pytest.mark.real_model
+@pytest.mark.slow
 def test_torch_backend_builds_the_same_dictionary(real):
     acts = real[1].acts[:1920]
     ref = _build(acts, "numba")
