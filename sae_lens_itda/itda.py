@@ -37,7 +37,10 @@ class ITDAConfig(SAEConfig):
             The default (signed) is the paper's.
         gram_max_bytes: use the precomputed atom Gram matrix (much faster pursuit) while it
             fits in this many bytes; larger dictionaries use the direct method.
-        chunk_bytes: working memory of one chunk of tokens during encoding.
+        chunk_bytes: working memory of one chunk of tokens during encoding (None: half the
+            free device memory on CUDA, 512 MiB elsewhere).
+        backend: ``"auto"`` (the compiled CPU kernel for CPU tensors with a Gram matrix, torch
+            otherwise), ``"torch"`` (batched tensor pursuit on any device) or ``"numba"``.
         loss_threshold: the threshold the dictionary was built with (informational).
         d_in, d_sae (= number of atoms), dtype, device, metadata: as in SAELens.
     """
@@ -46,7 +49,8 @@ class ITDAConfig(SAEConfig):
     pursuit: Literal["omp", "ormp", "mp"] = "omp"
     nonneg: bool = False
     gram_max_bytes: int = 2 * 2**30
-    chunk_bytes: int = _pursuit.DEFAULT_CHUNK_BYTES
+    chunk_bytes: int | None = None
+    backend: Literal["auto", "torch", "numba"] = "auto"
     loss_threshold: float | None = None
     apply_b_dec_to_input: bool = False
 
@@ -64,7 +68,8 @@ class ITDAConfig(SAEConfig):
         checks.pursuit(self.pursuit)
         checks.boolean("nonneg", self.nonneg)
         checks.nonneg_int("gram_max_bytes", self.gram_max_bytes)
-        checks.positive_int("chunk_bytes", self.chunk_bytes)
+        checks.positive_int("chunk_bytes", self.chunk_bytes, allow_none=True)
+        checks.backend(self.backend)
         if self.loss_threshold is not None and self.loss_threshold != 0:  # a paced build can end at 0
             checks.positive_finite("loss_threshold", self.loss_threshold)
         if self.normalize_activations != "none":
@@ -191,6 +196,7 @@ class ITDA(SAE[ITDAConfig]):
                 nonneg=self.cfg.nonneg,
                 gram=self.gram(),
                 chunk_bytes=self.cfg.chunk_bytes,
+                backend=self.cfg.backend,
             )
         if torch.is_grad_enabled() and (sae_in.requires_grad or self.W_dec.requires_grad):
             val = self._values_with_grad(sae_in, idx, val)

@@ -49,6 +49,9 @@ class ITDATrainingSAEConfig(TrainingSAEConfig):
             ``loss_threshold`` after the first batch; the final τ is recorded).
         n_seed_atoms: start from the activations of the first batch's most frequent tokens.
         sink_factor: tokens with norm above this times the batch median never become atoms.
+        backend: pursuit backend, ``"auto"``, ``"torch"`` or ``"numba"`` (see ``ITDAConfig``);
+            construction runs on the activations' device either way.
+        gram_max_bytes: keep the atoms' Gram matrix while it fits; beyond, direct pursuit.
         checkpoint_every_tokens: write a resumable checkpoint this often (0: never).
         log_to_wandb: log to Weights & Biases, with the project/entity/run settings of the
             runner config's ``logger``. Off by default (SAELens's own default is on).
@@ -65,6 +68,8 @@ class ITDATrainingSAEConfig(TrainingSAEConfig):
     pursuit: str = _BUILD.pursuit
     nonneg: bool = _BUILD.nonneg
     sink_factor: float = _BUILD.sink_factor
+    backend: str = _BUILD.backend
+    gram_max_bytes: int = _BUILD.gram_max_bytes
     checkpoint_every_tokens: int = 0
     log_to_wandb: bool = False
     apply_b_dec_to_input: bool = False
@@ -85,7 +90,7 @@ class ITDATrainingSAEConfig(TrainingSAEConfig):
     @override
     def get_inference_sae_cfg_dict(self) -> dict[str, Any]:
         """The :class:`ITDAConfig` dict SAELens saves; its encoding-only fields that building
-        does not have (``gram_max_bytes``, ``chunk_bytes``) take their defaults."""
+        does not have (``chunk_bytes``) take their defaults."""
         out = {f.name: getattr(self, f.name, f.default) for f in fields(ITDAConfig) if f.name != "metadata"}
         out["architecture"] = ITDAConfig.architecture()
         out["metadata"] = self._metadata_with_training_info()
@@ -256,6 +261,7 @@ class ITDATrainingRunner:
         next_ckpt = self._next_checkpoint()
         for b in range(done, n_batches):
             acts, tokens = self._next_batch()
+            tokens = tokens.cpu() if tokens is not None else None  # once per batch: labels read them
             t0 = time.perf_counter()
             stats = self.builder.add_batch(acts, tokens, self._labeller(tokens, self.builder.seqs_seen), n_batches - b)
             self.timings["construction_s"] += time.perf_counter() - t0

@@ -11,9 +11,10 @@ import math
 from numbers import Integral, Real
 from typing import get_args
 
-from sae_lens_itda.core.pursuit import Method
+from sae_lens_itda.core.pursuit import Backend, Method
 
 PURSUITS: tuple[str, ...] = get_args(Method)
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
 def positive_int(name: str, value, allow_none: bool = False) -> None:
@@ -50,6 +51,11 @@ def boolean(name: str, value) -> None:
 def pursuit(value) -> None:
     if value not in PURSUITS:
         raise ValueError(f"pursuit must be one of {', '.join(map(repr, PURSUITS))}, got {value!r}")
+
+
+def backend(value) -> None:
+    if value not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {value!r}")
 
 
 def _is_int(v) -> bool:

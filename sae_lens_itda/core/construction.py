@@ -13,6 +13,10 @@ group, a candidate is dropped when an accepted one alone reconstructs it within 
 
 Never atoms: position 0, special tokens (BOS/EOS/PAD/UNK), and attention sinks (norm above
 ``sink_factor`` times the batch's median norm).
+
+Everything stays on the activations' device (atoms, Gram matrix, errors, masks, the duplicate
+filter); the host sees one small transfer per candidate group (which rows to keep: labels need
+them) and the batch's token positions once.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ class ConstructionSettings:
     nonneg: bool = False
     sink_factor: float = SINK_FACTOR
     exclude_first_position: bool = True
+    backend: str = "auto"  # pursuit backend: see core/pursuit.py
+    gram_max_bytes: int = 2 * 2**30  # the Gram matrix is kept while it fits; beyond, the direct path
 
     def __post_init__(self):
         checks.positive_int("k", self.k)
@@ -54,6 +60,8 @@ class ConstructionSettings:
         checks.boolean("nonneg", self.nonneg)
         checks.above("sink_factor", self.sink_factor, 1.0)  # at or below 1, the median token is a sink
         checks.boolean("exclude_first_position", self.exclude_first_position)
+        checks.backend(self.backend)
+        checks.nonneg_int("gram_max_bytes", self.gram_max_bytes)
 
 
 @dataclass
@@ -90,14 +98,27 @@ class Builder:
     def _set_atoms(self, atoms: torch.Tensor, gram: torch.Tensor | None = None) -> None:
         # Atoms and their Gram matrix live in buffers that double when full, so adding a
         # group of atoms costs O(n·d) for the new Gram rows, not a copy of the whole matrix.
-        n = atoms.shape[0]
+        # The Gram buffer stops growing at gram_max_bytes; past it pursuit takes the direct path.
+        n, dev = atoms.shape[0], atoms.device
         cap = max(256, 2 * n)
-        abuf, gbuf = torch.zeros(cap, self.d_in), torch.zeros(cap, cap)
+        gcap = min(cap, math.isqrt(self.settings.gram_max_bytes // 4))
+        abuf = torch.zeros(cap, self.d_in, device=dev)
         abuf[:n] = atoms.float()
-        gbuf[:n, :n] = pursuit.gram_matrix(atoms) if gram is None else gram
+        gbuf = None
+        if n <= gcap and (n or gcap):
+            gbuf = torch.zeros(gcap, gcap, device=dev)
+            gbuf[:n, :n] = pursuit.gram_matrix(atoms) if gram is None else gram
         self._abuf, self._gbuf, self._n = abuf, gbuf, n
         self.atoms = abuf[:n]
-        self._gram = gbuf[:n, :n]
+        self._gram = gbuf[:n, :n] if gbuf is not None else None
+
+    def _to_device(self, device: torch.device) -> None:
+        """Move the dictionary (bits unchanged) to where the activations are."""
+        if self._abuf.device != device:
+            self._abuf = self._abuf.to(device)
+            self._gbuf = self._gbuf.to(device) if self._gbuf is not None else None
+            self.atoms = self._abuf[: self._n]
+            self._gram = self._gbuf[: self._n, : self._n] if self._gbuf is not None else None
 
     def capacity(self) -> int | None:
         caps = [c for c in (self.settings.max_dict_size, self.settings.target_dict_size) if c]
@@ -106,7 +127,8 @@ class Builder:
     def errors(self, x: torch.Tensor) -> torch.Tensor:
         """The paper's normalised error of each row of ``x`` under the current dictionary."""
         idx, val = pursuit.encode_sparse(
-            x, self.atoms, self.settings.k, self.settings.pursuit, self.settings.nonneg, gram=self._gram
+            x, self.atoms, self.settings.k, self.settings.pursuit, self.settings.nonneg, gram=self._gram,
+            backend=self.settings.backend,
         )
         recon = pursuit.decode_sparse(idx, val, self.atoms)
         xn = x / x.norm(dim=1, keepdim=True)
@@ -116,11 +138,12 @@ class Builder:
     def eligible_mask(self, acts: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
         """[B, ctx] mask of tokens allowed to become atoms."""
         B, ctx, _ = acts.shape
-        ok = torch.ones(B, ctx, dtype=torch.bool)
+        ok = torch.ones(B, ctx, dtype=torch.bool, device=acts.device)
         if self.settings.exclude_first_position:
             ok[:, 0] = False
         if tokens is not None and self.special_token_ids:
-            ok &= ~torch.isin(tokens.cpu(), torch.tensor(self.special_token_ids))
+            special = torch.tensor(self.special_token_ids, device=acts.device)
+            ok &= ~torch.isin(tokens.to(acts.device), special)
         norms = acts.norm(dim=-1)
         ok &= norms > 0
         if ok.any():
@@ -133,21 +156,22 @@ class Builder:
         ``make_label(seq_in_batch, position)`` returns the label for an atom taken from there;
         ``batches_left`` (this one included) paces the threshold when a target size is set.
         """
-        acts = acts.detach().float().cpu()
+        acts = acts.detach().float()
         B, ctx, d = acts.shape
         if d != self.d_in:
             raise ValueError(f"Activations have d_in={d}, the dictionary has d_in={self.d_in}")
+        self._to_device(acts.device)
         ok = self.eligible_mask(acts, tokens)
-        where = ok.nonzero()  # [m, 2] (sequence, position), in stream order
+        where = ok.nonzero().cpu()  # [m, 2] (sequence, position), in stream order; on the host for labels
         x = acts[ok]
         added_before = self.size
         if self.size == 0 and self.settings.n_seed_atoms and tokens is not None:
-            self._seed(x, tokens[ok], where, make_label)
+            self._seed(x, tokens.cpu()[ok.cpu()], where, make_label)
         if self.size == 0 and len(x) and self.capacity() != 0:
             # Against an empty dictionary every error is 1/d, which says nothing (and would
             # make a paced threshold admit nobody): start from the first eligible token.
             self._append(x[:1], [make_label(int(where[0, 0]), int(where[0, 1]))])
-        err = self.errors(x) if len(x) else torch.zeros(0)
+        err = self.errors(x) if len(x) else torch.zeros(0, device=acts.device)
         goal = None
         if self.settings.target_dict_size and len(x):
             goal = self.size + self._quota(batches_left)
@@ -176,10 +200,10 @@ class Builder:
             group = cand[s : s + _GROUP]
             if self.size > added_before:  # re-test against the atoms this batch already added
                 group = group[self.errors(x[group]) > self.threshold]
-            keep = group[self._non_duplicates(x[group])]
+            keep = group.cpu()[self._non_duplicates(x[group])]
             if cap is not None:
                 keep = keep[: cap - self.size]
-            self._append(x[keep], [make_label(int(where[j, 0]), int(where[j, 1])) for j in keep.tolist()])
+            self._append(x[keep.to(x.device)], [make_label(int(where[j, 0]), int(where[j, 1])) for j in keep.tolist()])
 
     def _non_duplicates(self, x: torch.Tensor) -> list[int]:
         """Indices of ``x`` kept when each accepted row suppresses rows it alone reconstructs within τ."""
@@ -190,7 +214,7 @@ class Builder:
         if not self.settings.nonneg:
             cos = cos.abs()
         # err = (2 - 2cos)/d <= τ  <=>  cos >= 1 - τ d / 2
-        dup = cos >= 1 - self.threshold * self.d_in / 2
+        dup = (cos >= 1 - self.threshold * self.d_in / 2).cpu()  # one transfer; the greedy pass is sequential
         keep, suppressed = [], torch.zeros(len(x), dtype=torch.bool)
         for i in range(len(x)):
             if not suppressed[i]:
@@ -204,7 +228,7 @@ class Builder:
         top = ids[counts.argsort(descending=True, stable=True)][: self.settings.n_seed_atoms]
         rows = [int((tok == t).nonzero()[0]) for t in top]
         rows = rows[: self.capacity() or len(rows)]
-        keep = [rows[i] for i in self._non_duplicates(x[rows])]
+        keep = [rows[i] for i in self._non_duplicates(x[torch.tensor(rows, device=x.device)])]
         self._append(x[keep], [make_label(int(where[j, 0]), int(where[j, 1])) for j in keep])
 
     def _quota(self, batches_left: int) -> int:
@@ -221,15 +245,18 @@ class Builder:
 
     def _append_unit(self, new: torch.Tensor) -> None:
         n_old, n = self._n, self._n + len(new)
-        if n > self._abuf.shape[0]:
+        if n > self._abuf.shape[0] or (self._gbuf is not None and n > self._gbuf.shape[0]):
             self._set_atoms(self.atoms, gram=self._gram)  # double the buffers, keep G's bits
+            if self._gbuf is not None and n > self._gbuf.shape[0]:  # G would pass its budget
+                self._gbuf = self._gram = None
         self._abuf[n_old:n] = new
-        rows = new @ self._abuf[:n].T
-        self._gbuf[n_old:n, :n] = rows
-        self._gbuf[:n, n_old:n] = rows.T
+        if self._gbuf is not None:
+            rows = new @ self._abuf[:n].T
+            self._gbuf[n_old:n, :n] = rows
+            self._gbuf[:n, n_old:n] = rows.T
+            self._gram = self._gbuf[:n, :n]
         self._n = n
         self.atoms = self._abuf[:n]
-        self._gram = self._gbuf[:n, :n]
 
     # --- checkpointing ------------------------------------------------------------------
 
@@ -240,10 +267,10 @@ class Builder:
     def load_state(self, atoms: torch.Tensor, labels: list[AtomLabel | None], state: dict) -> None:
         """Restore a checkpoint. The Gram matrix is rebuilt group by group as it was grown, so
         its rounding, and with it every later decision, matches an uninterrupted run."""
-        atoms = atoms.float().cpu()
+        atoms = atoms.float().to(self._abuf.device)
         if sum(state["appends"]) != len(atoms):
             raise ValueError("Checkpoint state does not match its atoms")
-        self._set_atoms(torch.zeros(0, self.d_in))
+        self._set_atoms(torch.zeros(0, self.d_in, device=atoms.device))
         start = 0
         for size in state["appends"]:
             self._append_unit(atoms[start : start + size])

@@ -22,7 +22,14 @@ pursuit.
 OMP keeps an incremental Cholesky factor of the selected atoms' Gram matrix, so refitting
 the coefficients by least squares each step costs O(t²) per token rather than a solve from
 scratch (as scikit-learn's ``_gram_omp``). Tokens are processed in chunks sized so that the
-per-chunk state stays within ``chunk_bytes``: peak memory does not grow with the batch.
+per-chunk state stays within ``chunk_bytes`` (on CUDA by default half the free device memory):
+peak memory does not grow with the batch.
+
+Backends: ``"numba"`` is the compiled CPU kernel (``kernels.py``; Gram path, CPU tensors);
+``"torch"`` the batched tensor loops below, on any device (the GPU path; CI runs it on CPU);
+``"auto"`` takes the kernel where it applies and torch otherwise. The torch loops do not ask
+the device whether every token has finished at each step (a host synchronisation): on CUDA
+they check every ``_SYNC_EVERY`` steps, and finished tokens carry inert slots meanwhile.
 
 Numerical edge cases, all per token and without Python loops over tokens:
 - a zero (or already perfectly reconstructed) activation stops selecting: its remaining
@@ -45,13 +52,16 @@ import torch
 
 Method = Literal["omp", "ormp", "mp"]
 METHODS = ("omp", "ormp", "mp")
+Backend = Literal["auto", "torch", "numba"]
+BACKENDS = ("auto", "torch", "numba")
 
 # Below this squared norm of the orthogonal part, a new atom adds nothing but round-off.
 _CHOLESKY_EPS = 1e-6
 # ORMP divides by that squared norm, so it needs a wider margin: below this (relative to the
 # atoms' unit norm) a candidate is (nearly) in the span of the support and never selected.
 ORMP_EPS = 1e-4
-DEFAULT_CHUNK_BYTES = 512 * 2**20
+DEFAULT_CHUNK_BYTES = 512 * 2**20  # on the CPU, and wherever free memory cannot be asked
+_SYNC_EVERY = 8  # steps between "has every token finished?" checks on a GPU
 _EXTREME = 1e15  # norms beyond this (or below its inverse) are rescaled: see _extreme_scale
 
 
@@ -78,15 +88,19 @@ def encode_sparse(
     method: Method = "omp",
     nonneg: bool = False,
     gram: torch.Tensor | None = None,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int | None = None,
+    backend: Backend = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse codes of ``x [..., d]`` over ``atoms [n, d]`` with at most ``k`` nonzeros each.
 
     ``gram`` (``atoms @ atoms.T``) selects the Gram path; without it the direct path is used.
+    ``chunk_bytes=None``: half the free memory on CUDA, ``DEFAULT_CHUNK_BYTES`` elsewhere.
     Returns ``indices [..., k]`` (long) and ``values [..., k]`` (float32).
     """
     if method not in METHODS:
         raise ValueError(f"Unknown pursuit method {method!r}; expected one of {METHODS}")
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown pursuit backend {backend!r}; expected one of {BACKENDS}")
     lead, d = x.shape[:-1], x.shape[-1]
     n = atoms.shape[0]
     if n == 0:
@@ -99,8 +113,8 @@ def encode_sparse(
     if scale is not None:
         flat = (flat.double() / scale.unsqueeze(1)).float()
     atoms = atoms.float()
-    compiled = gram is not None and x.device.type == "cpu" and _kernels() is not None
-    step = chunk_size_for(n, k, d, method, gram is not None and not compiled, chunk_bytes)
+    compiled = _use_kernel(backend, x, gram)
+    step = chunk_size_for(n, k, d, method, gram is not None and not compiled, chunk_bytes or _free_bytes(x.device))
     fn = partial(_compiled_chunk, method=method) if compiled else {"omp": _omp_chunk, "ormp": _ormp_chunk, "mp": _mp_chunk}[method]
     idx_out = torch.zeros(flat.shape[0], k, dtype=torch.long, device=x.device)
     val_out = torch.zeros(flat.shape[0], k, dtype=torch.float32, device=x.device)
@@ -111,6 +125,33 @@ def encode_sparse(
     if scale is not None:
         val_out = (val_out.double() * scale.unsqueeze(1)).float()
     return idx_out.reshape(*lead, k), val_out.reshape(*lead, k)
+
+
+def _use_kernel(backend: str, x: torch.Tensor, gram: torch.Tensor | None) -> bool:
+    """Whether the compiled kernel runs: it needs CPU tensors, a Gram matrix and numba."""
+    fits = gram is not None and x.device.type == "cpu" and gram.device.type == "cpu"
+    if backend == "numba":
+        if not fits or _kernels() is None:
+            raise ValueError("backend='numba' needs numba, CPU tensors and a Gram matrix (within gram_max_bytes); "
+                             "use backend='torch' or 'auto'")
+        return True
+    return backend == "auto" and fits and _kernels() is not None
+
+
+def _free_bytes(device: torch.device) -> int:
+    """The chunk budget where none is given: half the free memory of a CUDA device."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(DEFAULT_CHUNK_BYTES // 8, free // 2)
+    return DEFAULT_CHUNK_BYTES
+
+
+def _finished(active: torch.Tensor, t: int) -> bool:
+    """Whether no token selects any more; asked every step on the CPU (where it costs nothing),
+    every ``_SYNC_EVERY`` steps on other devices (each answer is a host synchronisation)."""
+    if active.device.type != "cpu" and t % _SYNC_EVERY != _SYNC_EVERY - 1:
+        return False
+    return not bool(active.any())
 
 
 def _extreme_scale(x: torch.Tensor) -> torch.Tensor | None:
@@ -196,7 +237,7 @@ def _omp_chunk(
         # their coefficient solves to exactly 0 and the slot decodes to nothing.
         L[:, t, :t] = w * act.unsqueeze(1)
         L[:, t, t] = torch.where(active, diag2.clamp_min(_CHOLESKY_EPS).sqrt(), torch.ones_like(diag2))
-        idx[:, t] = j
+        idx[:, t] = j * active
         c_sel[:, t] = (c0[arange, j] if c0 is not None else (x * a_j).sum(1)) * act
         sel_atoms[:, t] = a_j * act.unsqueeze(1)
         coef = torch.cholesky_solve(c_sel[:, : t + 1].unsqueeze(-1), L[:, : t + 1, : t + 1]).squeeze(-1)
@@ -210,7 +251,7 @@ def _omp_chunk(
             torch.matmul(resid, atoms.T, out=alpha)
         # The residual is orthogonal to the support; pin it so round-off cannot reselect.
         alpha.scatter_(1, idx[:, : t + 1], 0.0)
-        if not active.any():
+        if _finished(active, t):
             break
     t_used = coef.shape[1]
     if nonneg:
@@ -259,7 +300,7 @@ def _ormp_chunk(
     t_used = 0
     for t in range(k):
         j, a_j, w, diag2, active = _ormp_pick(alpha, nrm2, atoms, S64[:, :t], L[:, :t, :t], nonneg, tol2, active)
-        if not active.any():
+        if _finished(active, t):
             break
         norm = torch.where(active, diag2.clamp_min(ORMP_EPS).sqrt(), torch.ones_like(diag2))
         # Inactive tokens get an inert slot (identity row, p = 0): it solves to a 0 coefficient.
@@ -326,20 +367,33 @@ def _ormp_direction(atoms, gram, j, w, norm, active, U, Q, t):
 
 
 def _nnls_polish(sel_atoms: torch.Tensor, x: torch.Tensor, coef: torch.Tensor, iters: int = 100) -> torch.Tensor:
-    """Non-negative least squares on each token's (small) support by projected coordinate descent.
+    """Non-negative least squares on each token's (small) support, as batched tensor ops.
 
-    Starts from the clamped unconstrained solution; with the support fixed this converges to
-    the NNLS optimum, which coincides with the least-squares one whenever that is already >= 0.
+    Accelerated projected gradient (FISTA, step 1/λ with λ bounded by Gershgorin) from the
+    clamped unconstrained solution finds which coefficients are positive; the exact least-squares
+    fit on those is then taken where it is the NNLS optimum (non-negative, and no zero
+    coefficient whose gradient would pull it up), else the projected-gradient iterate is kept.
     """
-    G = torch.bmm(sel_atoms, sel_atoms.transpose(1, 2))  # [B, t, t]
-    b = torch.einsum("btd,bd->bt", sel_atoms, x)
-    z = coef.clamp_min(0)
-    diag = torch.diagonal(G, dim1=1, dim2=2).clamp_min(1e-12)
+    G = torch.bmm(sel_atoms, sel_atoms.transpose(1, 2)).double()  # [B, t, t]
+    b = torch.einsum("btd,bd->bt", sel_atoms, x).double()
+    lip = G.abs().sum(2).amax(1, keepdim=True).clamp_min(1e-12)
+    z = coef.double().clamp_min(0)
+    y, step = z, 1.0
     for _ in range(iters):
-        for i in range(z.shape[1]):
-            grad_i = (G[:, i] * z).sum(1) - b[:, i]
-            z[:, i] = (z[:, i] - grad_i / diag[:, i]).clamp_min(0)
-    return z
+        z_next = (y - (torch.einsum("bst,bt->bs", G, y) - b) / lip).clamp_min(0)
+        step_next = (1 + (1 + 4 * step * step) ** 0.5) / 2
+        y = z_next + ((step - 1) / step_next) * (z_next - z)
+        z, step = z_next, step_next
+    pos = z > 0
+    both = pos.unsqueeze(2) & pos.unsqueeze(1)
+    eye = torch.eye(G.shape[1], dtype=G.dtype, device=G.device)
+    G_pos = torch.where(both, G, 0.0) + eye * (~pos).unsqueeze(1)  # identity off the positive set
+    exact, info = torch.linalg.solve_ex(G_pos, (b * pos).unsqueeze(-1))
+    exact = exact.squeeze(-1)
+    grad = torch.einsum("bst,bt->bs", G, exact) - b
+    scale = b.abs().amax(1, keepdim=True).clamp_min(1e-30)
+    optimal = (info == 0) & (exact >= 0).all(1) & ((grad >= -1e-6 * scale) | pos).all(1) & exact.isfinite().all(1)
+    return torch.where(optimal.unsqueeze(1), exact, z).float()
 
 
 def _mp_chunk(
