@@ -137,8 +137,11 @@ class ITDATrainingRunner:
 
     ``cfg.sae`` must be an :class:`ITDATrainingSAEConfig`. Embedded model names
     (``"smollm2-135m"``, ``"gemma-3-270m"``) and the embedded corpus (``dataset_path="shakespeare"``)
-    work offline; anything else goes through SAELens unchanged. With
-    ``cfg.use_cached_activations`` the activations come from a ``CacheActivationsRunner`` cache.
+    work offline; other models load through SAELens. A text dataset (embedded, Hub or local
+    folder, streamed or not) is cut into whole-document windows here
+    (:func:`~sae_lens_itda.sources.documents.runner_windows`), so labels carry document anchors;
+    a pretokenized one goes to SAELens as it is. With ``cfg.use_cached_activations`` the
+    activations come from a ``CacheActivationsRunner`` cache and only the tokenizer is loaded.
     ``resume_from`` is a checkpoint folder; its recorded settings must match ``cfg``
     (:func:`run_identity`), and the run's later checkpoints go beside it.
     """
@@ -364,12 +367,6 @@ def _is_embedded_model(name: str) -> bool:
     from sae_lens_itda.sources.models import EMBEDDED_MODELS
 
     return name in EMBEDDED_MODELS
-
-
-def _is_embedded_corpus(name: str) -> bool:
-    from sae_lens_itda.sources.corpora import EMBEDDED_CORPORA
-
-    return name in EMBEDDED_CORPORA
 
 
 def _load_model(cfg: LanguageModelSAERunnerConfig):

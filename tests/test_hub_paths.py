@@ -93,11 +93,12 @@ def test_mirror_is_a_hugging_face_cache_that_says_what_it_holds(hf_home, tmp_pat
     assert [p.name for p in tmp_path.iterdir()] == ["again"]
 
 
-def _run(script: str, hf_home: Path, *args: str, timeout: int = 900) -> dict:
+def _run(script: str, hf_home: Path, *args: str, timeout: int = 900, cwd: Path | None = None) -> dict:
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent),
                                                                        os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd or hf_home)  # anything written by default paths lands outside the checkout
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stderr[-4000:]
     return json.loads(lines[-1][len("RESULT "):])
@@ -144,7 +145,8 @@ CacheActivationsRunner(CacheActivationsRunnerConfig(
     model_batch_size=8, hook_name="model.layers.15", d_in=576, training_tokens=16 * 64, context_size=64,
     new_cached_activations_path=out + "/acts", shuffle=False, device="cpu", prepend_bos=True,
     buffer_size_gb=16 * 64 * 576 * 4 / 2**30)).run()
-cached = ITDATrainingRunner(cfg(use_cached_activations=True, cached_activations_path=out + "/acts"), progress=False).run()
+cached = ITDATrainingRunner(cfg(use_cached_activations=True, cached_activations_path=out + "/acts", output_path=None),
+                            progress=False).run()
 tok = runner.tokenizer
 special = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id} - {None}
 res["cached"] = {"d_sae": cached.cfg.d_sae, "special_atoms": sum(l.token_id in special for l in cached.labels),
@@ -156,15 +158,15 @@ print("RESULT " + json.dumps(res))
 
 @pytest.mark.real_model
 @pytest.mark.slow
-def test_smollm2_by_hub_name_builds_anchored_labels_evaluates_and_reads_cached_activations(hf_home, corpora, tmp_path,
-                                                                                             capfd):
-    res = _run(_SMOLLM2, hf_home, str(corpora["zst"]), str(corpora["parquet"]), str(tmp_path))
+def test_smollm2_by_hub_name_builds_anchored_labels_evaluates_and_reads_cached_activations(
+        hf_home, corpora, tmp_path):
+    res = _run(_SMOLLM2, hf_home, str(corpora["zst"]), str(corpora["parquet"]), str(tmp_path), cwd=tmp_path)
     assert res["d_sae"] > 50
     assert res["later_layer_calls"] == 0  # the forward stopped at the hook's layer
     stream = res["stream"]
     assert stream["dataset"] == str(corpora["zst"]) and stream["split"] == "train" and stream["streaming"]
     assert stream["tokenizer"] == SMOLLM2 and stream["context_size"] == 64 and stream["prepend_bos"]
-    assert stream["sequence_separator"] is None
+    assert stream["sequence_separator"] is None and stream["id_column"] is None  # row index
     texts = corpora["texts"][:80]
     order = texts[0::2] + texts[1::2]  # shard 00 then shard 01: the stream's row order
     for doc_id, (start, end), token, text in res["labels"]:
@@ -207,7 +209,7 @@ print("RESULT " + json.dumps({"model": runner.model.cfg.model_name, "d_sae": itd
 def test_gemma3_by_hub_name_through_transformer_lens_on_parquet(hf_home, corpora):
     res = _run(_GEMMA, hf_home, str(corpora["parquet"]))
     assert GEMMA.endswith(res["model"]) and res["d_sae"] >= 10
-    assert res["stream"]["tokenizer"] == GEMMA
+    assert res["stream"]["tokenizer"] == GEMMA and res["stream"]["id_column"] == "id"
     for doc_id, token, text in res["labels"]:
         assert doc_id.startswith("doc-")  # the dataset's id column
         assert text.strip() == token.strip()

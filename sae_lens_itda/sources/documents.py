@@ -20,7 +20,7 @@ import hashlib
 import json
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from itertools import islice
 from typing import Any
 
@@ -170,6 +170,7 @@ def runner_windows(cfg, tokenizer) -> tuple[Dataset | None, dict[str, Any] | Non
             warnings.warn(f"{cfg.dataset_path!r} is pretokenized: atom labels will have no document anchors",
                           stacklevel=2)
             return None, None
+        source = replace(source, id_column=_id_column(source, columns))  # recorded as resolved
     batch = cfg.store_batch_size_prompts
     n = None if source.is_embedded() else max(1, cfg.training_tokens // (batch * cfg.context_size)) * batch
     windows = document_windows(source, tokenizer, cfg.context_size, n, prepend_bos=cfg.prepend_bos)
