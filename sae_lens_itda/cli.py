@@ -25,6 +25,7 @@ COMMANDS = {
     "layer-matching": ("sae_lens_itda.analysis.layer_matching", "layer-by-layer similarity of two or more models"),
     "publish": ("sae_lens_itda.io.hub", "publish saved ITDA dictionaries on the Hugging Face Hub"),
     "saebench": ("sae_lens_itda.evaluation.saebench", "run a SAEBench eval on ITDAs and SAELens SAEs"),
+    "train-seed-models": ("sae_lens_itda.sources.seed_models", "train small GPT-2-style models from several seeds"),
 }
 
 
