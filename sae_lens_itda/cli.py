@@ -21,6 +21,7 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "smollm2-135m
 
 # name -> (module with add_arguments/run, help). train, demo and eval are defined below.
 COMMANDS = {
+    "converged-sae": ("sae_lens_itda.experiments.converged", "ITDAs on 1% and 10% of the tokens against TopK SAEs trained to convergence"),
     "compare": ("sae_lens_itda.experiments.compare.cli", "ITDAs beside SAELens TopK SAEs on the same tokens: table and plots"),
     "layer-matching": ("sae_lens_itda.analysis.layer_matching", "layer-by-layer similarity of two or more models"),
     "publish": ("sae_lens_itda.io.hub", "publish saved ITDA dictionaries on the Hugging Face Hub"),

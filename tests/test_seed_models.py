@@ -78,3 +78,11 @@ def test_layer_matching_over_ordered_pairs(seed_cache, tmp_path):
 def test_cli_command_registered():
     args = build_parser().parse_args(["train-seed-models", "--size", "2l64d", "--seeds", "0", "1"])
     assert args.fn is sm.run and args.seeds == [0, 1]
+
+
+def test_seeds_layer_matching_config_parses():
+    from pathlib import Path
+
+    cfg = LayerMatchingConfig.from_yaml(Path(__file__).parent.parent / "configs" / "layer-matching-shakespeare-seeds.yaml")
+    assert cfg.pairs == "ordered" and len(cfg.models) == 5 and all(sm.is_seed_model(m) for m in cfg.models)
+    assert cfg.target_dict_size is None and cfg.loss_threshold == 4e-4 and cfg.k == 40

@@ -50,7 +50,7 @@ D_HEAD = 64
 class SeedTraining:
     """How every seed is trained (the same for all, so only the initialisation differs)."""
 
-    tokens: int = 600_000  # training tokens, whole batches; beyond one epoch the order repeats reshuffled
+    tokens: int = 1_000_000  # training tokens, whole batches; beyond one epoch the order repeats reshuffled
     batch_size: int = 16  # windows per step
     context_size: int = 128
     lr: float = 2e-3
