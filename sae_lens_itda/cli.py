@@ -23,6 +23,7 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "smollm2-135m
 COMMANDS = {
     "browse": ("sae_lens_itda.analysis.browser", "a self-contained HTML page to explore an ITDA atom by atom"),
     "check": ("sae_lens_itda.sources.hooks", "check that a saved ITDA fits a model and hook (SAELens's add_sae does not)"),
+    "converged-sae": ("sae_lens_itda.experiments.converged", "ITDAs on 1% and 10% of the tokens against TopK SAEs trained to convergence"),
     "compare": ("sae_lens_itda.experiments.compare.cli", "ITDAs beside SAELens TopK SAEs on the same tokens: table and plots"),
     "dashboard": ("sae_lens_itda.analysis.dashboard", "SAEDashboard feature dashboards for ITDA atoms: signed, sinks left out, labelled"),
     "explain": ("sae_lens_itda.analysis.explain", "per token of a text, the labelled atoms that reconstruct it"),
@@ -31,6 +32,7 @@ COMMANDS = {
     "layer-matching": ("sae_lens_itda.analysis.layer_matching", "layer-by-layer similarity of two or more models"),
     "publish": ("sae_lens_itda.io.hub", "publish saved ITDA dictionaries on the Hugging Face Hub"),
     "saebench": ("sae_lens_itda.evaluation.saebench", "run a SAEBench eval on ITDAs and SAELens SAEs"),
+    "train-seed-models": ("sae_lens_itda.sources.seed_models", "train small GPT-2-style models from several seeds"),
 }
 
 

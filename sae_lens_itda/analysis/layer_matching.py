@@ -18,7 +18,8 @@ representations, linear regression R²) compare raw activations of the same toke
    pairs drawn at random (``seed``; the same rows at every layer), both kept by their models.
 4. The layer x layer matrix of each measure, the layer-matching accuracy when both have as many
    layers and for any depths the relative-depth error (:mod:`~sae_lens_itda.analysis.matrices`);
-   heatmaps (``<pair>.png``), matrices (``<pair>.npz``), ``results.json`` and ``results.md``.
+   heatmaps (``<pair>.png``), matrices (``<pair>.npz``), ``results.json`` and ``results.md``
+   (:mod:`~sae_lens_itda.analysis.matching_report`: mean and spread over the pairs).
 
 Command line: ``sae-lens-itda layer-matching --models smollm2-135m gemma-3-270m --out DIR`` or
 ``--config configs/layer-matching-gpt2-seeds.yaml`` (a YAML of :class:`LayerMatchingConfig`
@@ -46,6 +47,7 @@ from sae_lens_itda.analysis.matrices import (
     relative_depth_error,
     similarity_matrix,
 )
+from sae_lens_itda.analysis.matching_report import accuracy_spread, markdown
 from sae_lens_itda.analysis.representations import ModelReps, build_layer_dictionaries, collect_layer_activations
 from sae_lens_itda.analysis.windows import aligned_rows, retokenize_windows, same_tokenizer, sample_windows
 from sae_lens_itda.core.construction import ConstructionSettings
@@ -74,8 +76,9 @@ class LayerMatchingConfig:
             twice, a ground truth where no measure sees identical activations.
         self_pairs: also compare each model with itself (identical representations, so every
             accuracy is trivially 1; the heatmaps show how similar a model's layers are).
-        pairs: ``"all"`` (every pair i < j of ``models``) or ``"first"`` (the first model
-            against each other one).
+        pairs: ``"all"`` (every pair i < j of ``models``), ``"ordered"`` (every pair both ways,
+            i != j: the paper's protocol, as measures like linear regression are not symmetric)
+            or ``"first"`` (the first model against each other one).
         dataset, split, max_documents: documents from :func:`sae_lens_itda.sources.corpora.load_documents`
             (``max_documents`` keeps only the first ones, for large online datasets).
         context_size: tokens per window for the first model, BOS included.
@@ -149,8 +152,8 @@ class LayerMatchingConfig:
                 raise ValueError(f"window_shifts has {len(self.window_shifts)} entries for {len(self.models)} models")
             if any(not 0 <= s < self.context_size - 1 for s in self.window_shifts):
                 raise ValueError(f"window_shifts must be in [0, context_size - 1), got {self.window_shifts}")
-        if self.pairs not in ("all", "first"):
-            raise ValueError(f"pairs must be 'all' or 'first', got {self.pairs!r}")
+        if self.pairs not in ("all", "ordered", "first"):
+            raise ValueError(f"pairs must be 'all', 'ordered' or 'first', got {self.pairs!r}")
         for name in ("context_size", "tokens", "batch_size", "dict_batch_size", "k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -263,30 +266,13 @@ def _pairs(labels: list[str], how: str, self_pairs: bool) -> list[tuple[str, str
         return [(distinct[0], distinct[0])]
     if how == "first":
         pairs = [(distinct[0], x) for x in distinct[1:]]
+    elif how == "ordered":  # the paper's protocol: A's layers matched in B and B's in A
+        pairs = [(x, y) for x in distinct for y in distinct if x != y]
     else:
         pairs = [(x, y) for i, x in enumerate(distinct) for y in distinct[i + 1 :]]
     if self_pairs:
         pairs += [(x, x) for x in distinct]
     return pairs
-
-
-def _markdown(results: dict[str, Any]) -> str:
-    measures = results["config"]["measures"]
-    head = "| model A | model B | layers | aligned tokens | " + " | ".join(measures) + " |"
-    sep = "|" + "---|" * (4 + len(measures))
-    lines = ["Layer-matching accuracy (fraction of layers of A whose most similar layer of B is the same layer):", ""]
-    square = [p for p in results["pairs"] if p["accuracy"][measures[0]] is not None]
-    lines += [head, sep] if square else ["(no pair of models with as many layers)"]
-    for p in square:
-        cells = [f"{p['accuracy'][m]:.2f}" for m in measures]
-        lines.append(f"| {p['a']} | {p['b']} | {p['layers'][0]} | {p['n_baseline']} | " + " | ".join(cells) + " |")
-    if "mean_accuracy" in results:
-        lines.append("| mean | | | | " + " | ".join(f"{results['mean_accuracy'][m]:.2f}" for m in measures) + " |")
-    lines += ["", "Relative-depth error (mean |i/(L_A-1) - j*/(L_B-1)| over layers i of A; 0 is perfect):", "", head, sep]
-    for p in results["pairs"]:
-        cells = [f"{p['depth_error'][m]:.3f}" for m in measures]
-        lines.append(f"| {p['a']} | {p['b']} | {p['layers'][0]}x{p['layers'][1]} | {p['n_baseline']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def _sides(cfg: LayerMatchingConfig) -> list[tuple[str, str, int | None, int]]:
@@ -415,9 +401,10 @@ def run_layer_matching(
     square = [p for p in results["pairs"] if p["a"] != p["b"] and p["layers"][0] == p["layers"][1]]
     if len(square) > 1:
         results["mean_accuracy"] = {m: float(np.mean([p["accuracy"][m] for p in square])) for m in cfg.measures}
+        results["accuracy_spread"] = accuracy_spread(square, cfg.measures)
     results["total_s"] = time.perf_counter() - t_start
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    (out / "results.md").write_text(_markdown(results))
+    (out / "results.md").write_text(markdown(results))
     results["matrices"] = matrices
     return results
 
@@ -439,7 +426,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dict-orders", nargs="+", type=_order, help="per model: 'none' (stream order) or a shuffle seed")
     p.add_argument("--window-shifts", nargs="+", type=int, help="per model: leading window tokens it does not read")
     p.add_argument("--self-pairs", action="store_true", default=None, help="also compare each model with itself")
-    p.add_argument("--pairs", choices=["all", "first"])
+    p.add_argument("--pairs", choices=["all", "ordered", "first"])
     p.add_argument("--dataset")
     p.add_argument("--split")
     p.add_argument("--max-documents", type=int)

@@ -13,7 +13,9 @@ Gemma on 2 CPU cores) and saves a Hugging Face copy in :func:`cache_dir`; later 
 copy in seconds. The weights are the quantised model's, dequantised: they are close to, but not
 bit-identical with, the original checkpoints on the Hub.
 
-Any other name goes unchanged to SAELens's ``load_model`` (online: GPT-2, Pythia, Llama...).
+Names ``"shakespeare-gpt-{L}l{d}d-s{seed}"`` are small GPT-2-style models trained here from
+different seeds (:mod:`sae_lens_itda.sources.seed_models`), for layer matching. Any other name
+goes unchanged to SAELens's ``load_model`` (online: GPT-2, Pythia, Llama...).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch
 
 from sae_lens_itda.io.cache import cache_dir, cached_dir
 from sae_lens_itda.io.hub import HUB_MODEL_IDS
+from sae_lens_itda.sources.seed_models import is_seed_model, load_seed_model
 
 logger = logging.getLogger(__name__)
 
@@ -235,6 +238,8 @@ def load_model(
     if len({str(v).removeprefix("torch.") for v in asked.values()}) > 1:
         raise ValueError(f"Conflicting dtypes for {name!r}: {asked}; give one")
     dtype = next(iter(asked.values()), torch.float32)
+    if is_seed_model(name):
+        return load_seed_model(name, device=device, dtype=_as_dtype(dtype))
     if name not in EMBEDDED_MODELS:
         from sae_lens.load_model import load_model as sae_lens_load_model
 

@@ -82,7 +82,8 @@ def train_topk_adam(
     clipping at norm 1 and dead-latent tracking, unchanged. Returns the inference
     ``TopKSAE`` that SAELens's ``save_inference_model`` would write (decoder norms folded).
     Arguments other than ``cfg`` are as in
-    :func:`~sae_lens_itda.splinterp.pam_sgd.train_pam_sgd`.
+    :func:`~sae_lens_itda.splinterp.pam_sgd.train_pam_sgd`; a ``callback`` returning True
+    stops training there.
     """
     device = torch.device(cfg.device)
     sae = _training_sae(cfg, device)
@@ -108,7 +109,8 @@ def train_topk_adam(
         if trainer.n_training_steps % 50 == 0:
             pbar.set_postfix(loss=f"{out.loss.item():.4g}")
         sae.eval()
-        recorder.maybe(trainer.n_training_samples, recon)
+        if recorder.maybe(trainer.n_training_samples, recon):
+            break  # the callback asked to stop (e.g. held-out EV has stopped improving)
     pbar.close()
     if first:
         raise ValueError("no training activations were given")

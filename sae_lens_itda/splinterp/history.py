@@ -19,7 +19,7 @@ class HistoryPoint(NamedTuple):
     l0: float
 
 
-Callback = Callable[[HistoryPoint], None]
+Callback = Callable[[HistoryPoint], "bool | None"]  # True: stop training (Adam trainer)
 
 
 class Recorder:
@@ -49,12 +49,13 @@ class Recorder:
         return self.eval_acts is not None and (self.history is not None or self.callback is not None)
 
     @torch.no_grad()
-    def maybe(self, tokens: int, recon: Reconstruct, force: bool = False) -> None:
-        """Record a point at ``tokens`` if one is due (always when ``force``), once per count."""
+    def maybe(self, tokens: int, recon: Reconstruct, force: bool = False) -> bool:
+        """Record a point at ``tokens`` if one is due (always when ``force``), once per count.
+        Returns True when the callback asks training to stop."""
         if not self.active or tokens == self.last_at:
-            return
+            return False
         if not force and (self.every is None or tokens < self.next_at):
-            return
+            return False
         assert self.eval_acts is not None
         res = reconstruction_metrics(self.eval_acts, recon)
         point = HistoryPoint(tokens, res["mse"], res["explained_variance"], res["l0"])
@@ -64,5 +65,4 @@ class Recorder:
                 self.next_at += self.every
         if self.history is not None:
             self.history.append(point)
-        if self.callback is not None:
-            self.callback(point)
+        return bool(self.callback(point)) if self.callback is not None else False

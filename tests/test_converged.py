@@ -1,0 +1,59 @@
+"""The converged-SAE workflow's parts (sae_lens_itda.experiments.converged) on synthetic data:
+training stops when held-out EV stalls, the sweep picks the best rate, ITDAs come from the first
+windows of the training activations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae_lens_itda.experiments import converged as cv
+from sae_lens_itda.sources.activations import Activations
+from sae_lens_itda.splinterp.history import HistoryPoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _data(n: int, d: int = 16, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(64, d, generator=g)
+    codes = torch.rand(n, 64, generator=g) * (torch.rand(n, 64, generator=g) < 0.05)
+    return codes @ basis + 0.01 * torch.randn(n, d, generator=g)
+
+
+def test_stopper_stops_after_patience_epochs_without_gain():
+    stop = cv._Stopper(cv.ConvergedConfig(min_delta=0.01, patience=2), epochs=30)
+    evs = [0.5, 0.7, 0.705, 0.708]
+    asks = [stop(HistoryPoint((i + 1) * 100, 0.0, ev, 4.0)) for i, ev in enumerate(evs)]
+    assert asks == [False, False, False, True] and "rose <" in stop.reason
+    assert stop(HistoryPoint(0, 0.0, 0.0, 0.0)) is False  # the point before training is not an epoch
+
+
+def test_sae_training_stops_when_converged():
+    x, held = _data(2048), _data(512, seed=1)
+    cfg = cv.ConvergedConfig(k=4, batch_size=256, min_delta=1.0, patience=1)  # any epoch "stalls"
+    sae, rec = cv.train_sae(x, held, cfg, width=32, lr=1e-3, epochs=20, stop=True, metadata={})
+    assert rec["epochs"] == 2 and "rose <" in rec["stop"]  # epoch 1 sets the bar, epoch 2 misses it
+    assert [e for e, _ in rec["curve"]] == [0, 1, 2]
+    sae, rec = cv.train_sae(x, held, cfg, width=32, lr=1e-3, epochs=3, stop=False, metadata={})
+    assert rec["epochs"] == 3 and rec["curve"][-1][1] > rec["curve"][0][1]
+
+
+def test_sweep_picks_the_best_rate():
+    x, held = _data(2048), _data(512, seed=1)
+    cfg = cv.ConvergedConfig(k=4, batch_size=256, sweep_width=32, sweep_epochs=2, lrs=(1e-7, 3e-3))
+    lr, runs = cv._sweep(x, held, cfg, {})
+    assert lr == 3e-3 and len(runs) == 2
+
+
+def test_itda_from_the_first_windows():
+    ctx, d = 16, 16
+    acts = _data(4 * ctx)
+    n = len(acts)
+    a = Activations(acts=acts, token_ids=torch.arange(n) % 50 + 1, seq_index=torch.arange(n) // ctx,
+                    position=torch.arange(n) % ctx, is_sink=torch.zeros(n, dtype=torch.bool))
+    cfg = cv.ConvergedConfig(k=4, context_size=ctx, itda_n_seed_atoms=0, itda_batch_windows=1)
+    itda, fit_s = cv.build_itda(a, 2, cfg, 1e-3, special=[], metadata={"hook_name": "h", "model_name": "m"})
+    assert 0 < itda.cfg.d_sae <= 2 * (ctx - 1) and fit_s >= 0
+    assert all(lab.seq_index < 2 and lab.position > 0 for lab in itda.labels)  # first 2 windows, never position 0
+    assert itda.cfg.metadata.hook_name == "h"
