@@ -1,0 +1,89 @@
+"""Model diffing end to end on tiny models: a copy with one MLP neuron of block 1 rewired to fire
+on a few "domain" words and write a large vector, so the ground truth is known."""
+
+import copy
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from sae_lens_itda.analysis.diffing import diff_models
+from sae_lens_itda.core.construction import ConstructionSettings
+
+PLAIN = "the a cat dog sat on mat and ran to house tree red blue small big over under with from".split()
+DOMAIN = ["fixture", "parametrize", "monkeypatch"]
+HOOK = "blocks.1.hook_resid_post"
+SETTINGS = ConstructionSettings(k=4, loss_threshold=2e-3)
+
+
+def _documents() -> datasets.Dataset:
+    g = np.random.default_rng(0)
+    ids, texts = [], []
+    for d in range(8):
+        words = list(g.choice(PLAIN, 600))
+        if d % 2:  # the "domain" documents: one domain word in every ten
+            for i in range(0, 600, 10):
+                words[i] = DOMAIN[(i // 10) % 3]
+        ids.append(f"{'domain' if d % 2 else 'plain'}{d}")
+        texts.append(" ".join(words))
+    return datasets.Dataset.from_dict({"doc_id": ids, "text": texts})
+
+
+def _domain_ids(tok) -> set[int]:
+    return {i for w in DOMAIN for i in tok(" " + w, add_special_tokens=False)["input_ids"]}
+
+
+@pytest.fixture(scope="module")
+def models(smollm2_tokenizer, one_thread):
+    tok = smollm2_tokenizer
+    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_ctx=32, d_head=8, n_heads=4, d_vocab=len(tok),
+                                  act_fn="relu", seed=0, normalization_type="LN")
+    base = HookedTransformer(cfg, tokenizer=tok)
+    with torch.no_grad():  # no attention and no positions: each residual is a function of its token
+        base.W_pos.zero_()
+        for blk in base.blocks:
+            blk.attn.W_O.zero_()
+    base.cfg.model_name = "tiny-base"
+    ft = copy.deepcopy(base)
+    ft.cfg.model_name = "tiny-ft"
+    # Rewire neuron 0 of block 1 to fire (1) on the domain tokens only and write a vector.
+    ids = torch.tensor([sorted({i for w in PLAIN + DOMAIN for i in tok(" " + w, add_special_tokens=False)["input_ids"]})])
+    _, cache = base.run_with_cache(ids)
+    x = cache["blocks.1.ln2.hook_normalized"][0]
+    target = torch.where(torch.isin(ids[0], torch.tensor(sorted(_domain_ids(tok)))), 1.0, -1.0)
+    w = torch.linalg.lstsq(x, target[:, None]).solution[:, 0]  # fewer tokens than dimensions: exact
+    # Written at 6x the median residual norm: below a sink (10x), large enough that the domain
+    # tokens become near-duplicates (one atom serves them all, so the Jaccard drops too).
+    u = torch.randn(32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ft.blocks[1].mlp.W_in[:, 0] = w
+        ft.blocks[1].mlp.b_in[0] = 0.0
+        ft.blocks[1].mlp.W_out[0] = u / u.norm() * 6 * cache["blocks.1.hook_resid_post"][0].norm(dim=-1).median()
+    return base, ft
+
+
+def test_diff_finds_the_perturbed_tokens(models):
+    base, ft = models
+    r = diff_models(base, ft, HOOK, dataset=_documents(), n_tokens=640, context_size=16, settings=SETTINGS, layers=[0, 1])
+    dom = _domain_ids(base.tokenizer)
+    assert r.jaccard[0] == 1.0 and r.jaccard[1] < 1.0  # block 0 untouched
+    assert len(r.tokens) >= 10
+    top = r.tokens[:10]
+    assert sum(t.token_id in dom for t in top) >= 9, [t.text for t in top]
+    assert all(t.context and t.doc_id.startswith("domain") for t in top)
+    novel = r.atoms["novelty"]
+    assert novel and sum(a.label.token_id in dom for a in novel[:10]) >= 0.8 * min(10, len(novel))
+    # The raw baseline sees the same thing here.
+    assert set(r.token_scores) == {"itda_excess_error", "diff_norm"}
+    assert len(r.token_scores["diff_norm"]) == r.meta["n_tokens"] == len(r.token_rows)
+
+
+def test_self_diff_reports_nothing(models):
+    base, _ = models
+    r = diff_models(base, base, HOOK, dataset=_documents(), n_tokens=320, context_size=16, settings=SETTINGS, layers=[0, 1])
+    assert r.tokens == [] and r.atoms["novelty"] == [] and r.atoms["activation_change"] == []
+    assert all((v == 0).all() for v in r.token_scores.values())
+    assert all((v == 0).all() for v in r.atom_scores.values())
+    assert r.jaccard == {0: 1.0, 1: 1.0}
