@@ -22,6 +22,7 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "smollm2-135m
 # name -> (module with add_arguments/run, help). train, demo and eval are defined below.
 COMMANDS = {
     "check": ("sae_lens_itda.sources.hooks", "check that a saved ITDA fits a model and hook (SAELens's add_sae does not)"),
+    "diff": ("sae_lens_itda.analysis.diff_report", "what fine-tuning changed: tokens, atoms and contexts (ITDA model diffing)"),
     "compare": ("sae_lens_itda.experiments.compare.cli", "ITDAs beside SAELens TopK SAEs on the same tokens: table and plots"),
     "layer-matching": ("sae_lens_itda.analysis.layer_matching", "layer-by-layer similarity of two or more models"),
     "publish": ("sae_lens_itda.io.hub", "publish saved ITDA dictionaries on the Hugging Face Hub"),

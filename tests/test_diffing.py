@@ -87,3 +87,15 @@ def test_self_diff_reports_nothing(models):
     assert all((v == 0).all() for v in r.token_scores.values())
     assert all((v == 0).all() for v in r.atom_scores.values())
     assert r.jaccard == {0: 1.0, 1: 1.0}
+
+
+def test_report_files(models, tmp_path):
+    from sae_lens_itda.analysis.diff_report import write_report
+
+    base, ft = models
+    r = diff_models(base, ft, HOOK, dataset=_documents(), n_tokens=320, context_size=16, settings=SETTINGS, layers=[1])
+    d = write_report(r, tmp_path, top=5)
+    assert {p.name for p in tmp_path.iterdir()} == {"results.json", "report.md", "report.html", "jaccard.png", "scores.png"}
+    assert len(d["tokens"]) == 5 and "«" in d["tokens"][0]["context"]
+    assert "Novel atoms" in (tmp_path / "report.md").read_text()
+    assert "<b style" in (tmp_path / "report.html").read_text()

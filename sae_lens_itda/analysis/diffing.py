@@ -269,7 +269,7 @@ def diff_models(
     excess_by_b = dict(zip(rows_b.tolist(), excess.tolist()))
     new_atoms, new_labels = _novel_atoms(itda, b, hook_name, settings, texts)
     nov = np.array([excess_by_b.get(lab.seq_index * Tb + lab.position, 0.0) for lab in new_labels])
-    novelty = [AtomDiff("novelty", itda.cfg.d_sae + i, float(nov[i]), new_labels[i])
+    novelty = [AtomDiff("novelty", itda.cfg.d_sae + int(i), float(nov[i]), new_labels[i])
                for i in np.argsort(-nov, kind="stable") if nov[i] > 0]
 
     mag_a, freq_a = _mean_abs_codes(itda, xa)
