@@ -99,3 +99,18 @@ def test_report_files(models, tmp_path):
     assert len(d["tokens"]) == 5 and "«" in d["tokens"][0]["context"]
     assert "Novel atoms" in (tmp_path / "report.md").read_text()
     assert "<b style" in (tmp_path / "report.html").read_text()
+
+
+def test_baselines(models):
+    from sae_lens_itda.analysis.diff_baselines import activation_difference_lens, sae_latent_diff
+
+    base, ft = models
+    r = diff_models(base, ft, HOOK, dataset=_documents(), n_tokens=640, context_size=16, settings=SETTINGS, layers=[])
+    xa, xb = r.acts
+    sae = sae_latent_diff(xa, xb, d_sae=64, k=4, n_epochs=5, batch_size=64)
+    assert sae["change"].shape == (64,) and sae["top_row"].max() < len(xb)
+    dom = _domain_ids(base.tokenizer)
+    ids = r.windows.input_ids[r.token_rows[:, 0], r.token_rows[:, 1]]
+    assert int(ids[sae["top_row"][sae["order"][0]]]) in dom  # the latent that rises most fires on a domain token
+    lens = activation_difference_lens(ft, (xb - xa).mean(0), 5)
+    assert len(lens) == 5 and all(isinstance(t, str) for _, t, _ in lens)
