@@ -114,3 +114,33 @@ def test_baselines(models):
     assert int(ids[sae["top_row"][sae["order"][0]]]) in dom  # the latent that rises most fires on a domain token
     lens = activation_difference_lens(ft, (xb - xa).mean(0), 5)
     assert len(lens) == 5 and all(isinstance(t, str) for _, t, _ in lens)
+
+
+def test_different_tokenizers(models):
+    """A fine-tune with another tokenizer: windows re-tokenized, tokens aligned by character span."""
+    from transformers import AutoTokenizer
+
+    from sae_lens_itda.sources.models import embedded_model_dir
+
+    base, _ = models
+    gemma_tok = AutoTokenizer.from_pretrained(embedded_model_dir("gemma-3-270m"))
+    cfg = copy.deepcopy(base.cfg)
+    cfg.d_vocab = cfg.d_vocab_out = len(gemma_tok)
+    other = HookedTransformer(cfg, tokenizer=gemma_tok)
+    r = diff_models(base, other, HOOK, dataset=_documents(), n_tokens=320, context_size=16, settings=SETTINGS, layers=[1])
+    assert r.meta["n_tokens"] > 200  # most tokens align (these words are whole tokens in both)
+    assert 0.0 <= r.jaccard[1] < 1.0 and r.tokens and r.tokens[0].context
+
+
+@pytest.mark.parametrize("path", sorted((__import__("pathlib").Path(__file__).parents[1] / "configs" / "diff").glob("*.yaml")))
+def test_diff_configs_name_known_options(path):
+    import argparse
+
+    import yaml
+
+    from sae_lens_itda.analysis.diff_report import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    known = {a.dest for a in p._actions}
+    assert set(yaml.safe_load(path.read_text())) <= known

@@ -185,7 +185,7 @@ def _finetune(recipe: OrganismRecipe, out: Path) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     with torch.no_grad():
         loss_after = float(_window_loss(model, resid[:32], ids[:32], start))
     info = {"recipe": asdict(recipe), "train_loss_before": loss_before, "train_loss_after": loss_after,
