@@ -24,6 +24,7 @@ COMMANDS = {
     "browse": ("sae_lens_itda.analysis.browser", "a self-contained HTML page to explore an ITDA atom by atom"),
     "check": ("sae_lens_itda.sources.hooks", "check that a saved ITDA fits a model and hook (SAELens's add_sae does not)"),
     "converged-sae": ("sae_lens_itda.experiments.converged", "ITDAs on 1% and 10% of the tokens against TopK SAEs trained to convergence"),
+    "diff": ("sae_lens_itda.analysis.diff_report", "what fine-tuning changed: tokens, atoms and contexts (ITDA model diffing)"),
     "compare": ("sae_lens_itda.experiments.compare.cli", "ITDAs beside SAELens TopK SAEs on the same tokens: table and plots"),
     "dashboard": ("sae_lens_itda.analysis.dashboard", "SAEDashboard feature dashboards for ITDA atoms: signed, sinks left out, labelled"),
     "explain": ("sae_lens_itda.analysis.explain", "per token of a text, the labelled atoms that reconstruct it"),
