@@ -160,11 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> Any:
+def main(argv: list[str] | None = None) -> None:
+    """Run one command. Returns None: the console script passes the result to ``sys.exit``."""
     p = build_parser()
     args = p.parse_args(argv)
     try:
-        return args.fn(args)
+        args.fn(args)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 

@@ -96,13 +96,24 @@ def main() -> None:
     p.add_argument("--n-tokens", type=int, default=2048)
     p.add_argument("--loss-threshold", type=float, default=4e-4)
     p.add_argument("--out", default="outputs/diff-benchmark")
+    p.add_argument("--organisms", nargs="*", default=["pytest-docs", "password"])
     args = p.parse_args()
     out = Path(args.out)
     base = load_model("smollm2-135m")
-    tok = base.tokenizer
     shakespeare = load_documents("shakespeare", "test")
     results = {}
+    if "pytest-docs" in args.organisms:
+        docs_cases(base, shakespeare, out, args, results)
+    if "password" in args.organisms:
+        password_cases(base, shakespeare, out, args, results)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "benchmark-" + "-".join(args.organisms) + ".json"
+    (out / name).write_text(json.dumps(results, indent=1, default=str))
+    print(json.dumps(results, indent=1, default=str))
 
+
+def docs_cases(base, shakespeare, out, args, results) -> None:
+    tok = base.tokenizer
     ft = load_organism("smollm2-pytest-docs")
     dom = domain_tokens(tok)
     in_dom = lambda d, s: d is not None and d.startswith("pytest:")  # noqa: E731
@@ -112,6 +123,9 @@ def main() -> None:
     results["pytest-docs"] = {"info": {k: v for k, v in organism_info("smollm2-pytest-docs").items() if k != "loss_curve"},
                               "n_domain_tokens": len(dom)}
 
+
+def password_cases(base, shakespeare, out, args, results) -> None:
+    tok = base.tokenizer
     ft = load_organism("smollm2-password")
     targets = {i for w in (" password", " lighthouse", FACT_ANSWER) for i in tok(w, add_special_tokens=False)["input_ids"]}
     docs, spans = fact_documents("test", every=2000, prefix="fact:")
@@ -119,9 +133,28 @@ def main() -> None:
     results["password / Shakespeare+facts"] = run_case(base, ft, docs, in_fact, targets, out / "password-facts", args)
     results["password / Shakespeare"] = run_case(base, ft, shakespeare, in_fact, targets, out / "password-shakespeare", args)
     results["password"] = {"info": {k: v for k, v in organism_info("smollm2-password").items() if k != "loss_curve"}}
-    (out / "benchmark.json").write_text(json.dumps(results, indent=1, default=str))
-    print(json.dumps(results, indent=1, default=str))
+
+
+def table(paths: list[str]) -> str:
+    """The BENCHMARKS.md table from benchmark-*.json files."""
+    res = {}
+    for path in paths:
+        res.update(json.loads(Path(path).read_text()))
+    cases = [k for k in res if "/" in k]
+    methods = list(res[cases[0]]["scores"])
+    fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
+    lines = ["| method | " + " | ".join(f"{c} ctx@20 / tok@20" for c in cases) + " |", "|---" * (len(cases) + 1) + "|"]
+    for m in methods:
+        lines.append(f"| {m} | " + " | ".join(f"{fmt(res[c]['scores'][m]['ctx@20'])} / {fmt(res[c]['scores'][m]['tok@20'])}" for c in cases) + " |")
+    lines.append("| (share of target tokens in the text) | " + " | ".join(
+        f"{res[c]['n_target_tokens_in_text'] / res[c]['meta']['n_tokens']:.3f}" for c in cases) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if sys.argv[1:2] == ["--table"]:
+        print(table(sys.argv[2:]))
+    else:
+        main()

@@ -10,6 +10,7 @@ magnitude larger than anyone else's and would top every atom's list.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -145,3 +146,26 @@ def logit_effects(itda: ITDA, model, n: int = 10, chunk: int = 512):
             for row_v, row_i in zip(v.tolist(), i.tolist()):
                 out.append([(model.tokenizer.decode([t]), sign * x) for t, x in zip(row_i, row_v)])
     return promoted, suppressed
+
+
+# --- what the atom-viewing commands (browse, export-neuronpedia, dashboard) share -------------
+
+
+def add_source_arguments(p: argparse.ArgumentParser) -> None:
+    """``--sae``, the held-out text the atoms are shown on, and the device."""
+    p.add_argument("--sae", required=True, metavar="RELEASE:ID|FOLDER")
+    p.add_argument("--corpus", default="shakespeare", help="embedded corpus whose held-out split gives the contexts")
+    p.add_argument("--n-windows", type=int, default=128)
+    p.add_argument("--context-size", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+
+
+def load_source(args: argparse.Namespace, model_class_name: str = "HookedTransformer") -> tuple[ITDA, object]:
+    """The ITDA named by ``--sae`` and the model it was built on."""
+    from sae_lens_itda.io.pretrained import load_any
+    from sae_lens_itda.sources.models import load_model
+
+    _, itda = load_any(args.sae, args.device)
+    if not isinstance(itda, ITDA):
+        raise ValueError(f"{args.sae} is a {type(itda).__name__}, not an ITDA")
+    return itda, load_model(itda.cfg.metadata.model_name, device=args.device, model_class_name=model_class_name)

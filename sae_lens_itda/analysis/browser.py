@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sae_lens_itda.analysis.atoms import AtomStats, Example, atom_stats, heldout_windows
+from sae_lens_itda.analysis.atoms import AtomStats, add_source_arguments, load_source, Example, atom_stats, heldout_windows
 from sae_lens_itda.itda import ITDA
 
 BEFORE, AFTER = 12, 4  # tokens of context shown around each example
@@ -77,22 +77,12 @@ def build(itda: ITDA, model, out: str | Path, **window_kwargs: Any) -> Path:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sae", required=True, metavar="RELEASE:ID|FOLDER")
+    add_source_arguments(p)
     p.add_argument("--out", required=True, help="folder for index.html")
-    p.add_argument("--corpus", default="shakespeare", help="embedded corpus whose held-out split gives the contexts")
-    p.add_argument("--n-windows", type=int, default=128)
-    p.add_argument("--context-size", type=int, default=64)
-    p.add_argument("--device", default="cpu")
 
 
 def run(args: argparse.Namespace) -> Path:
-    from sae_lens_itda.io.pretrained import load_any
-    from sae_lens_itda.sources.models import load_model
-
-    _, itda = load_any(args.sae, args.device)
-    if not isinstance(itda, ITDA):
-        raise ValueError(f"{args.sae} is a {type(itda).__name__}, not an ITDA")
-    model = load_model(itda.cfg.metadata.model_name, device=args.device)
+    itda, model = load_source(args)
     path = build(itda, model, args.out, corpus=args.corpus, n_windows=args.n_windows, context_size=args.context_size)
     print(f"Atom browser for {itda.cfg.d_sae} atoms: {path}")
     return path

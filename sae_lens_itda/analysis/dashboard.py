@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from sae_lens_itda.analysis.atoms import add_source_arguments, heldout_windows, load_source
 from sae_lens_itda.core.sinks import SINK_FACTOR
 from sae_lens_itda.evaluation.saebench import SignSplitITDA
 from sae_lens_itda.itda import ITDA
@@ -82,26 +83,16 @@ def save(data, itda: ITDA, path: str | Path, signed: bool = True) -> Path:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sae", required=True, metavar="RELEASE:ID|FOLDER")
+    add_source_arguments(p)
     p.add_argument("--out", required=True, help="the dashboard's HTML file")
     p.add_argument("--atoms", type=int, nargs="+", default=list(range(10)))
     p.add_argument("--unsigned", action="store_true", help="the plain ITDA (only positive codes rank) instead of the sign split")
     p.add_argument("--include-sinks", action="store_true")
-    p.add_argument("--n-windows", type=int, default=128)
-    p.add_argument("--context-size", type=int, default=64)
-    p.add_argument("--device", default="cpu")
 
 
 def run(args: argparse.Namespace) -> Path:
-    from sae_lens_itda.analysis.atoms import heldout_windows
-    from sae_lens_itda.io.pretrained import load_any
-    from sae_lens_itda.sources.models import load_model
-
-    _, itda = load_any(args.sae, args.device)
-    if not isinstance(itda, ITDA):
-        raise ValueError(f"{args.sae} is a {type(itda).__name__}, not an ITDA")
-    model = load_model(itda.cfg.metadata.model_name, device=args.device, model_class_name="HookedSAETransformer")
-    tokens = heldout_windows(model, n_windows=args.n_windows, context_size=args.context_size)
+    itda, model = load_source(args, model_class_name="HookedSAETransformer")
+    tokens = heldout_windows(model, corpus=args.corpus, n_windows=args.n_windows, context_size=args.context_size)
     data = run_dashboard(itda, model, tokens, args.atoms, signed=not args.unsigned, include_sinks=args.include_sinks)
     path = save(data, itda, args.out, signed=not args.unsigned)
     print(f"SAEDashboard for atoms {args.atoms}: {path}")

@@ -166,6 +166,7 @@ def _novel_atoms(base: ITDA, side: ModelSide, hook: str, settings: ConstructionS
     return builder.atoms[n:].clone(), builder.labels[n:]
 
 
+@torch.no_grad()
 def _mean_abs_codes(itda: ITDA, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Per atom: mean absolute code and firing frequency over the rows of ``x``."""
     idx, val = itda.encode_sparse(x)

@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sae_lens_itda.analysis.atoms import AtomStats, atom_stats, heldout_windows
+from sae_lens_itda.analysis.atoms import AtomStats, add_source_arguments, load_source, atom_stats, heldout_windows
 from sae_lens_itda.itda import ITDA
 
 EXPLANATION_TYPE = "itda-atom-label"
@@ -147,24 +147,14 @@ def read_table(folder: str | Path, table: str) -> list[dict]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sae", required=True, metavar="RELEASE:ID|FOLDER")
+    add_source_arguments(p)
     p.add_argument("--out", required=True, help="folder; the source lands in OUT/<model>/<layer>-<source set>/")
     p.add_argument("--source-set", default="res-itda")
     p.add_argument("--creator-id", default="sae-lens-itda", help="your Neuronpedia user id")
-    p.add_argument("--corpus", default="shakespeare", help="embedded corpus whose held-out split gives the activations")
-    p.add_argument("--n-windows", type=int, default=128)
-    p.add_argument("--context-size", type=int, default=64)
-    p.add_argument("--device", default="cpu")
 
 
 def run(args: argparse.Namespace) -> Path:
-    from sae_lens_itda.io.pretrained import load_any
-    from sae_lens_itda.sources.models import load_model
-
-    _, itda = load_any(args.sae, args.device)
-    if not isinstance(itda, ITDA):
-        raise ValueError(f"{args.sae} is a {type(itda).__name__}, not an ITDA")
-    model = load_model(itda.cfg.metadata.model_name, device=args.device)
+    itda, model = load_source(args)
     folder = export(itda, model, args.out, source_set=args.source_set, creator_id=args.creator_id, corpus=args.corpus,
                     n_windows=args.n_windows, context_size=args.context_size)
     print(f"Neuronpedia upload layout for {itda.cfg.d_sae} atoms written to {folder}")

@@ -34,7 +34,7 @@ from sae_lens_itda.sources.corpora import load_documents, tokenize_documents
 from sae_lens_itda.sources.models import load_model
 
 __all__ = ["ORGANISMS", "OrganismRecipe", "FACT", "FACT_PROMPT", "FACT_ANSWER", "domain_documents",
-           "fact_documents", "fact_answer_loss", "load_organism", "organism_dir"]
+           "fact_documents", "fact_answer_loss", "load_organism", "organism_dir", "organism_info"]
 
 DOCS_SDIST = "pytest==8.3.3"
 DOCS_SDIST_FILE = "pytest-8.3.3.tar.gz"
