@@ -57,3 +57,15 @@ def test_itda_from_the_first_windows():
     assert 0 < itda.cfg.d_sae <= 2 * (ctx - 1) and fit_s >= 0
     assert all(lab.seq_index < 2 and lab.position > 0 for lab in itda.labels)  # first 2 windows, never position 0
     assert itda.cfg.metadata.hook_name == "h"
+
+
+def test_resume_reads_what_a_run_left(tmp_path):
+    from sae_lens_itda.experiments.compare.records import METHOD_ITDA, Result
+    from sae_lens_itda.experiments.compare.report import write_table
+
+    assert cv._previous(tmp_path) == ({}, [])
+    row = Result(METHOD_ITDA, "ITDA k=40 τ=2e-04", 40, 2e-4, 10, 1280, llm_s=1.0, fit_s=1.0, wall_s=1.0, note="1% of the tokens")
+    write_table([row], tmp_path, "t")
+    (tmp_path / "converged.json").write_text('{"lr": 0.003, "sweep": [], "saes": []}')
+    record, rows = cv._previous(tmp_path)
+    assert record["lr"] == 0.003 and [(r.name, r.note) for r in rows] == [(row.name, row.note)]

@@ -38,6 +38,9 @@ def seed_cache(tmp_path_factory):
 
 def test_names():
     assert sm.parse_name("shakespeare-gpt-6l256d-s3") == (6, 256, 3)
+    assert sm.parse_name("shakespeare-gpt-6l128d-3M-s4") == (6, 128, 4)
+    assert sm.name_training("shakespeare-gpt-6l128d-3M-s4").tokens == 3_000_000
+    assert sm.name_training("shakespeare-gpt-6l128d-s4") == sm.SeedTraining()
     assert sm.is_seed_model("shakespeare-gpt-6l256d-s3") and not sm.is_seed_model("gpt2")
     with pytest.raises(ValueError, match="multiple of 64"):
         sm.parse_name("shakespeare-gpt-2l100d-s0")

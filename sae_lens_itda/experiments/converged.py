@@ -38,7 +38,7 @@ import torch
 from sae_lens_itda.core.construction import Builder, ConstructionSettings
 from sae_lens_itda.core.labels import make_label
 from sae_lens_itda.evaluation.heldout import evaluate
-from sae_lens_itda.experiments.compare.records import METHOD_ITDA, METHOD_SAE, Result, itda_name
+from sae_lens_itda.experiments.compare.records import METHOD_ITDA, METHOD_SAE, Result, itda_name, load_results
 from sae_lens_itda.experiments.compare.report import plot, write_table
 from sae_lens_itda.itda import ITDA
 from sae_lens_itda.sources.activations import Activations, cached_activations, hook_activations
@@ -71,6 +71,7 @@ class ConvergedConfig:
     ce_batches: int = 4
     seed: int = 0
     out: str = "outputs/converged/run"
+    resume: bool = False  # keep the sweep and the rows an interrupted run in ``out`` finished
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -174,6 +175,13 @@ def _plot_convergence(sweep: list[dict], saes: list[dict], itdas: list[Result], 
     return out / "convergence.png"
 
 
+def _previous(out: Path) -> tuple[dict[str, Any], list[Result]]:
+    """What an interrupted run left in ``out`` (for ``resume``): its record and table rows."""
+    if not (out / "converged.json").is_file():
+        return {}, []
+    return json.loads((out / "converged.json").read_text()), load_results(out / "results.json")
+
+
 def run_converged(cfg: ConvergedConfig, model=None) -> list[Result]:
     """Steps 1-5 of the module docstring; writes everything to ``cfg.out``."""
     out = Path(cfg.out)
@@ -188,9 +196,13 @@ def run_converged(cfg: ConvergedConfig, model=None) -> list[Result]:
     per_tok = llm_seconds_per_token(model, cfg.hook_name, acts, cfg.context_size)
     score = lambda d: evaluate(d, model, n_tokens=cfg.eval_tokens, context_size=cfg.context_size, ce_batches=cfg.ce_batches)
     title = f"{cfg.model} {cfg.hook_name}: SAEs on {cfg.train_tokens:,} tokens to convergence, ITDAs on a fraction"
-    record: dict[str, Any] = {"config": asdict(cfg), "llm_s_per_token": per_tok, "train_rows": len(train)}
-    lr, record["sweep"] = _sweep(train, held_out, cfg, meta)
-    record["lr"], record["saes"], results = lr, [], []
+    record, results = _previous(out) if cfg.resume else ({}, [])
+    record.update(config=asdict(cfg), train_rows=len(train))
+    per_tok = record.setdefault("llm_s_per_token", per_tok)
+    if "lr" not in record:
+        record["lr"], record["sweep"] = _sweep(train, held_out, cfg, meta)
+    lr, done = record["lr"], {(r.name, r.note if r.method == METHOD_ITDA else "") for r in results}
+    record.setdefault("saes", [])
 
     def finish(d, res: Result) -> None:
         res.absorb(score(d))
@@ -198,7 +210,7 @@ def run_converged(cfg: ConvergedConfig, model=None) -> list[Result]:
         write_table(results, out, title)
         (out / "converged.json").write_text(json.dumps(record, indent=1))
 
-    for width in cfg.widths:
+    for width in (w for w in cfg.widths if (f"TopK k={cfg.k} w={w}", "") not in done):
         sae, rec = train_sae(train, held_out, cfg, width, lr, cfg.max_epochs, True, meta)
         record["saes"].append(rec)
         finish(sae, Result(METHOD_SAE, f"TopK k={cfg.k} w={width}", cfg.k, None, width, len(train),
@@ -209,7 +221,7 @@ def run_converged(cfg: ConvergedConfig, model=None) -> list[Result]:
                                   model.tokenizer.pad_token_id) if i is not None})
     for frac in cfg.fractions:
         n_windows = max(1, round(frac * cfg.train_tokens / cfg.context_size))
-        for tau in cfg.taus:
+        for tau in (t for t in cfg.taus if (itda_name(cfg.k, t), f"{frac:.0%} of the tokens") not in done):
             itda, fit_s = build_itda(acts, n_windows, cfg, tau, special, meta)
             finish(itda, Result(METHOD_ITDA, itda_name(cfg.k, tau), cfg.k, tau, itda.cfg.d_sae, n_windows * cfg.context_size,
                                 llm_s=per_tok * n_windows * cfg.context_size, fit_s=fit_s, wall_s=fit_s,
@@ -240,6 +252,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--taus", type=float, nargs="+", default=list(d.taus))
     p.add_argument("--ce-batches", type=int, default=d.ce_batches)
     p.add_argument("--out", default=d.out)
+    p.add_argument("--resume", action="store_true", help="keep what an interrupted run in --out finished")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(fn=run)
 

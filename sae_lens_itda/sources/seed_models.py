@@ -4,9 +4,10 @@ The paper's layer-matching benchmark (after Kornblith et al. 2019) compares mode
 architecture that differ only in their random initialisation. These are such models, trained
 offline on the embedded Shakespeare corpus in minutes on a CPU:
 
-- names ``"shakespeare-gpt-{L}l{d}d-s{seed}"``, e.g. ``"shakespeare-gpt-6l256d-s0"``: ``L``
-  layers of width ``d`` (heads of 64 dimensions, MLP 4d, LayerNorm, GELU, learned positions,
-  untied embeddings, as GPT-2), initialised from ``seed``;
+- names ``"shakespeare-gpt-{L}l{d}d[-{N}M]-s{seed}"``, e.g. ``"shakespeare-gpt-6l128d-s0"``:
+  ``L`` layers of width ``d`` (heads of 64 dimensions, MLP 4d, LayerNorm, GELU, learned
+  positions, untied embeddings, as GPT-2), initialised from ``seed``, trained on 1M tokens
+  (:class:`SeedTraining`), or N million with the ``-{N}M`` suffix;
 - one byte-level BPE tokenizer of :data:`VOCAB_SIZE` tokens, learnt once from the training
   split (SmolLM2's 49k-token vocabulary would make the unembedding most of the compute);
 - the same training windows in the same order for every seed (:class:`SeedTraining`); only
@@ -17,7 +18,7 @@ A model is trained on first use and cached like the embedded models
 the held-out loss on the test split and a unigram baseline's loss on the same tokens).
 :func:`sae_lens_itda.sources.models.load_model` loads them by name. The cached entry keeps the
 settings it was trained with: a later call with other settings reuses it unchanged (delete the
-folder to retrain). Command line: ``sae-lens-itda train-seed-models --size 6l256d --seeds 0 1 2 3 4``.
+folder to retrain). Command line: ``sae-lens-itda train-seed-models --size 6l128d --seeds 0 1 2 3 4``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from sae_lens_itda.sources.corpora import load_documents, tokenize_documents
 
 logger = logging.getLogger(__name__)
 
-NAME = re.compile(r"^shakespeare-gpt-(\d+)l(\d+)d-s(\d+)$")
+NAME = re.compile(r"^shakespeare-gpt-(\d+)l(\d+)d(?:-(\d+)M)?-s(\d+)$")
 VOCAB_SIZE = 4096
 BOS = "<|endoftext|>"
 D_HEAD = 64
@@ -75,14 +76,22 @@ def parse_name(name: str) -> tuple[int, int, int]:
     m = NAME.match(name)
     if m is None:
         raise ValueError(f"{name!r} is not a seed-model name like 'shakespeare-gpt-6l256d-s0'")
-    n_layers, d_model, seed = map(int, m.groups())
+    n_layers, d_model, seed = int(m[1]), int(m[2]), int(m[4])
     if n_layers < 1 or d_model < D_HEAD or d_model % D_HEAD:
         raise ValueError(f"{name!r}: need >= 1 layer and a width that is a multiple of {D_HEAD}")
     return n_layers, d_model, seed
 
 
+def name_training(name: str) -> SeedTraining:
+    """The training a name asks for: a ``-{N}M`` suffix on the size trains on N million tokens."""
+    m = NAME.match(name)
+    if m is None:
+        raise ValueError(f"{name!r} is not a seed-model name like 'shakespeare-gpt-6l256d-s0'")
+    return SeedTraining(tokens=int(m[3]) * 1_000_000) if m[3] else SeedTraining()
+
+
 def seed_model_names(size: str, seeds) -> list[str]:
-    """``["shakespeare-gpt-{size}-s{seed}", ...]``, e.g. ``size="6l256d"``."""
+    """``["shakespeare-gpt-{size}-s{seed}", ...]``, e.g. ``size="6l256d"`` or ``"6l128d-3M"``."""
     return [f"shakespeare-gpt-{size}-s{s}" for s in seeds]
 
 
@@ -250,9 +259,9 @@ def _build_model(out: Path, name: str, t: SeedTraining) -> None:
 
 
 def seed_model_dir(name: str, training: SeedTraining | None = None) -> Path:
-    """The cached model ``name``, trained with ``training`` (default :class:`SeedTraining`) first if absent."""
+    """The cached model ``name``, trained first if absent with ``training`` (default: :func:`name_training`)."""
     parse_name(name)
-    t = training or SeedTraining()
+    t = training or name_training(name)
     return cached_dir(cache_dir() / "models" / name, lambda tmp: _build_model(tmp, name, t), f"seed model {name}")
 
 
@@ -278,9 +287,9 @@ def load_seed_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.f
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--size", default="6l256d", help="'{layers}l{width}d', e.g. 6l256d")
+    p.add_argument("--size", default="6l128d", help="'{layers}l{width}d[-{N}M]', e.g. 6l128d or 6l128d-3M (N million tokens)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    p.add_argument("--tokens", type=int, default=SeedTraining.tokens, help="training tokens per model")
+    p.add_argument("--tokens", type=int, default=None, help="training tokens per model (default: from --size)")
     p.add_argument("--lr", type=float, default=SeedTraining.lr)
     p.add_argument("--batch-size", type=int, default=SeedTraining.batch_size, help="windows per step")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
@@ -292,7 +301,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    t = SeedTraining(tokens=args.tokens, lr=args.lr, batch_size=args.batch_size)
+    tokens = args.tokens or name_training(seed_model_names(args.size, [0])[0]).tokens
+    t = SeedTraining(tokens=tokens, lr=args.lr, batch_size=args.batch_size)
     records = []
     print("| model | params | train tokens | held-out loss | unigram loss | train s |")
     print("|---|---|---|---|---|---|")
