@@ -239,6 +239,8 @@ def _ormp_chunk(
     p = torch.zeros(B, k, dtype=f64, device=dev)  # p[t] = <x, q_t>
     idx = torch.zeros(B, k, dtype=torch.long, device=dev)
     used = torch.zeros(B, k, dtype=torch.bool, device=dev)
+    # [B, n] work buffers, reused: at 64k atoms each pass over one costs like the step's matmul.
+    score, low, u = torch.empty_like(alpha), torch.empty(B, n, dtype=torch.bool, device=dev), torch.empty_like(alpha)
     tol2 = (1e-7 * x.norm(dim=1)) ** 2  # the score is in squared units
     active = tol2 > 0
     arange = torch.arange(B, device=dev)
@@ -246,7 +248,8 @@ def _ormp_chunk(
     for t in range(k):
         while True:
             # alpha|alpha|/nrm2 orders like alpha/||P⊥ d||, without a sqrt.
-            score = torch.where(nrm2 > ORMP_EPS, alpha * alpha.abs() / nrm2.clamp_min(ORMP_EPS), 0.0)
+            torch.abs(alpha, out=score).mul_(alpha).div_(nrm2)
+            score.masked_fill_(torch.le(nrm2, ORMP_EPS, out=low), 0.0)
             best, j = _select(score, nonneg)
             ok = active & (best > tol2)
             a_j = atoms[j].to(f64)
@@ -276,16 +279,16 @@ def _ormp_chunk(
             break
         w32, norm32 = w.float(), norm.float().unsqueeze(1)
         if U is not None:
-            u = (gram[j] - torch.bmm(w32.unsqueeze(1), U[:, :t]).squeeze(1)) / norm32
-            U[:, t] = u
+            u = U[:, t]
+            torch.sub(gram[j], torch.bmm(w32.unsqueeze(1), U[:, :t]).squeeze(1), out=u).div_(norm32)
         else:
             q = atoms[j] - torch.bmm(w32.unsqueeze(1), Q[:, :t]).squeeze(1)
             q = q - torch.einsum("bt,btd->bd", torch.einsum("btd,bd->bt", Q[:, :t], q), Q[:, :t])  # float32 needs a second pass
             q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-30) * active.unsqueeze(1)
             Q[:, t] = q
-            u = q @ atoms.T
-        alpha -= pt.float().unsqueeze(1) * u
-        nrm2 -= u * u
+            torch.matmul(q, atoms.T, out=u)
+        alpha.addcmul_(pt.float().unsqueeze(1), u, value=-1.0)
+        nrm2.addcmul_(u, u, value=-1.0)
         # In the span of the support now; pin round-off so nothing is selected twice.
         nrm2.scatter_(1, idx[:, : t + 1], 0.0)
     Lt = L[:, :t_used, :t_used].transpose(1, 2)
