@@ -155,6 +155,27 @@ def test_duplicates_near_dependent_atoms_and_k_beyond_rank(path, use_gram):
             torch.testing.assert_close(rec[6:], x[6:], atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("use_gram", [True, False])
+def test_no_atom_in_the_span_of_the_support_is_ever_selected(path, use_gram):
+    """Low-rank dictionaries whose atoms are random mixes of a few directions: the supports
+    get ill-conditioned, where float32 running norms are off by more than ORMP_EPS. Every
+    selected atom must still be that far out of the span of the ones selected before it."""
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        rank = 5 + 2 * seed
+        atoms = _unit(torch.randn(200, rank, generator=g) @ _atoms(rank, 16, seed=seed + 20))
+        x = torch.randn(16, 16, generator=g)
+        idx, val = encode_sparse(x, atoms, 40, method="ormp", gram=gram_matrix(atoms) if use_gram else None)
+        D = atoms.double().numpy()
+        for b in range(len(x)):
+            sel = idx[b][val[b] != 0].tolist()  # in selection order
+            assert len(sel) <= rank
+            for t in range(1, len(sel)):
+                Q = np.linalg.qr(D[sel[:t]].T)[0]
+                p = D[sel[t]] - Q @ (Q.T @ D[sel[t]])
+                assert p @ p > ORMP_EPS * (1 - 1e-6)
+
+
 def test_chunking_and_half_precision_do_not_change_codes(path):
     atoms, x = _atoms(300, 24, seed=9), torch.randn(57, 24, generator=torch.Generator().manual_seed(10))
     g = gram_matrix(atoms)

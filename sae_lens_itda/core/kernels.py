@@ -16,11 +16,12 @@ the atom whose part orthogonal to the support best fits the residual, |alpha_j| 
 Those squared norms are a running vector too, ``nrm2 = diag(G) - sum_s U[s]²``, one more
 downdate in the same pass. The score is kept as alpha·|alpha| / nrm2 (same order, no sqrt),
 and atoms with nrm2 at or below ``eps`` (relative to their unit norm) score 0: (nearly) in the
-span of the support, their alpha/nrm2 would be round-off over round-off. These float32 running
-vectors drift, and a float32 Gram is too coarse once the support is ill-conditioned, so they
-only propose: the proposed atom's projections on the support are recomputed in float64 from
-the atoms (O(t·d)), and if it is in the span after all it is excluded and the next one taken.
-The coefficients come from the float64 W and c0, not from the running alpha.
+span of the support, their alpha/nrm2 would be round-off over round-off. These float32 values
+carry an error of about 1e-7 times the support's condition number (as would a float32 Gram), so
+once a proposed atom's norm comes within that error of eps, the token switches to float64: W
+is rebuilt from the support atoms' float64 Gram matrix and every later candidate's projections
+are computed from the atoms (O(t·d) a step). A candidate in the span after all is excluded and
+the next one taken. The coefficients come from W and c0, not from the drifting alpha.
 
 Streaming the t rows of U is the cost (n·k²/2 multiply-adds per token, bandwidth bound),
 so the argmax rides along: the pass that updates a block of alpha also records the block's
@@ -36,6 +37,9 @@ import numpy as np
 from numba import njit, prange
 
 _EPS = 1e-6
+# Error of a float32 projection norm per unit of t x trace(inverse Gram of the support), a
+# generous multiple of float32's 6e-8: that close to ORMP's eps, the norm is recomputed.
+_ROUNDOFF = 1e-6
 _BLOCK = 512  # columns per block: the running sum stays in L1 while the U rows stream past
 _M = np.int32(0x7FFFFFFF)
 
@@ -79,7 +83,7 @@ def _pick(alpha, bkey, nonneg):
     return b0
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, cache=True, inline="always")
 def _orth_block(U, g_row, proj, t, b0, m, tmp):
     """tmp[:m] = (g_row - sum_{s<t} proj[s] U[s])[b0 : b0 + m].
 
@@ -154,12 +158,10 @@ def _init_scores(alpha, diag, eps, nrm2, score):
 
 
 @njit(fastmath=True, cache=True)
-def _exact_proj(A, j, t, S64, W, g, proj):
-    """proj = W @ (support atoms · d_j) and ||P⊥ d_j||², in float64 from the atoms (``S64``:
-    the support's atoms). A float32 Gram's error here grows like 1e-7 times the support's
-    condition number, too coarse to tell a dependent atom from ||P⊥ d_j||² ~ 1e-4."""
-    d = A.shape[1]
-    aj = A[j]
+def _exact_proj(aj, t, S64, W, g, proj):
+    """proj = W @ (support atoms · aj) and ||P⊥ aj||², in float64 from the atoms (``S64``: the
+    support's atoms in float64)."""
+    d = aj.shape[0]
     nrm2 = 0.0
     for i in range(d):
         nrm2 += np.float64(aj[i]) * aj[i]
@@ -176,6 +178,35 @@ def _exact_proj(A, j, t, S64, W, g, proj):
         proj[s] = acc
         nrm2 -= acc * acc
     return nrm2
+
+
+@njit(fastmath=True, cache=True)
+def _w_row(W, proj, t, inv):
+    """W row t, so that q_t = (d_j - sum_s proj_s q_s) * inv = sum_r W[t, r] d_{j_r}."""
+    for r in range(t):
+        acc = 0.0
+        for s in range(r, t):
+            acc -= proj[s] * W[s, r]
+        W[t, r] = acc * inv
+    W[t, t] = inv
+
+
+@njit(fastmath=True, cache=True)
+def _x_coord(W, c0_row, sel, t):
+    """<x, q_t> from c0 (exact), rather than from the drifting alpha."""
+    pt = 0.0
+    for r in range(t + 1):
+        pt += W[t, r] * c0_row[sel[r]]
+    return pt
+
+
+@njit(fastmath=True, cache=True)
+def _refactor(S64, t, W, g, proj, p, c0_row, sel):
+    """Rebuild W and p for the first t support atoms from their float64 Gram matrix."""
+    for s in range(t):
+        nrm2 = _exact_proj(S64[s], s, S64, W, g, proj)
+        _w_row(W, proj, s, 1.0 / np.sqrt(max(nrm2, 1e-300)))
+        p[s] = _x_coord(W, c0_row, sel, s)
 
 
 @njit(fastmath=True, cache=True)
@@ -202,37 +233,38 @@ def _omp_token(c0_row, G, k, nonneg, tol, alpha, U, W, proj, p, sel, tmp, bkey, 
         sc = alpha
     _init_keys(sc, bkey, nonneg)
     t = 0
+    w_trace = 0.0  # ||W||² = trace of the support's inverse Gram matrix
+    exact = False
     while t < k:
         j = _pick(sc, bkey, nonneg)
         best = sc[j] if nonneg else abs(sc[j])
         if best <= tol:
             break
+        nrm2_j = np.float64(G[j, j])
+        for s in range(t):
+            proj[s] = U[s, j]
+            nrm2_j -= proj[s] * proj[s]
         if ormp:
-            nrm2_j = _exact_proj(A, j, t, S64, W, g, proj)
+            # U's float32 error grows like the support's condition number (<= t * w_trace).
+            # Within that of eps, and for the rest of the token, decide in float64.
+            if not exact and nrm2_j <= eps + _ROUNDOFF * t * w_trace:
+                exact = True
+                _refactor(S64, t, W, g, proj, p, c0_row, sel)
+            if exact:
+                nrm2_j = _exact_proj(A[j], t, S64, W, g, proj)
             if nrm2_j <= eps:  # in the span after all: exclude it and pick again
                 _pin(j, alpha, bkey, nonneg, ormp, nrm2, score)
                 continue
             S64[t] = A[j]
-        else:
-            nrm2_j = np.float64(G[j, j])
-            for s in range(t):
-                proj[s] = U[s, j]
-                nrm2_j -= proj[s] * proj[s]
         if nrm2_j <= _EPS:
             break  # atom j is (nearly) in the span of the support
         inv = 1.0 / np.sqrt(nrm2_j)
         sel[t] = j
-        # W row t: q_t = (d_j - sum_s proj_s q_s) * inv
-        for r in range(t):
-            acc = 0.0
-            for s in range(r, t):
-                acc -= proj[s] * W[s, r]
-            W[t, r] = acc * inv
-        W[t, t] = inv
-        if ormp:  # <x, q_t> from c0, not from the drifting alpha
-            pt = 0.0
+        _w_row(W, proj, t, inv)
+        if ormp:
+            pt = _x_coord(W, c0_row, sel, t)
             for r in range(t + 1):
-                pt += W[t, r] * c0_row[sel[r]]
+                w_trace += W[t, r] * W[t, r]
         else:
             pt = alpha[j] * inv
         p[t] = pt
