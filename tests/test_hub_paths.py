@@ -189,30 +189,54 @@ from sae_lens import LanguageModelSAERunnerConfig
 from sae_lens_itda import ITDATrainingRunner, ITDATrainingSAEConfig
 from sae_lens_itda.sources.documents import label_text
 
-parquet = sys.argv[1]
+parquet, out = sys.argv[1:3]
 cfg = LanguageModelSAERunnerConfig(
     sae=ITDATrainingSAEConfig(d_in=640, k=8, loss_threshold=2e-4), model_name="google/gemma-3-270m",
     model_class_name="HookedTransformer", hook_name="blocks.6.hook_resid_post", dataset_path=parquet, streaming=True,
     context_size=32, training_tokens=1024, store_batch_size_prompts=8, train_batch_size_tokens=256,
-    n_batches_in_buffer=4, verbose=False, checkpoint_path=None, output_path=None)
+    n_batches_in_buffer=4, verbose=False, checkpoint_path=None, output_path=out + "/itda")
 runner = ITDATrainingRunner(cfg, progress=False)
 itda = runner.run()
 md = itda.cfg.metadata
 labels = itda.labels[:: max(1, itda.cfg.d_sae // 10)]
-print("RESULT " + json.dumps({"model": runner.model.cfg.model_name, "d_sae": itda.cfg.d_sae, "stream": md.dataset_stream,
-      "labels": [[l.doc_id, l.token, label_text(l, md.dataset_stream)] for l in labels]}))
+res = {"model": runner.model.cfg.model_name, "model_name": md.model_name, "d_sae": itda.cfg.d_sae,
+       "stream": md.dataset_stream, "labels": [[l.doc_id, l.token, label_text(l, md.dataset_stream)] for l in labels]}
+del runner
+
+# SAEBench's core eval and SAEDashboard, each loading the model by the dictionary's Hub name.
+from transformer_lens import HookedTransformer
+from sae_lens_itda.evaluation.saebench import run_eval
+loaded = []
+original = HookedTransformer.from_pretrained_no_processing.__func__
+HookedTransformer.from_pretrained_no_processing = classmethod(lambda cls, name, *a, **k: loaded.append(name) or original(cls, name, *a, **k))
+core = run_eval("core", [("itda", itda)], out + "/saebench", dataset=parquet, n_batches=1, batch_size_prompts=2,
+                context_size=32)["itda_custom_sae_eval_results"]
+res["saebench"] = {"loaded": list(loaded), "metrics": core["eval_result_metrics"]}
+from sae_lens_itda.cli import main
+main(["dashboard", "--sae", out + "/itda", "--corpus", parquet, "--split", "train", "--n-windows", "8",
+      "--context-size", "32", "--atoms", "0", "1", "--out", out + "/dashboard.html"])
+res["dashboard"], res["loaded"] = open(out + "/dashboard.html").read(), loaded
+print("RESULT " + json.dumps(res))
 """
 
 
 @pytest.mark.real_model
 @pytest.mark.slow
-def test_gemma3_by_hub_name_through_transformer_lens_on_parquet(hf_home, corpora):
-    res = _run(_GEMMA, hf_home, str(corpora["parquet"]))
-    assert GEMMA.endswith(res["model"]) and res["d_sae"] >= 10
+def test_gemma3_by_hub_name_through_transformer_lens_saebench_and_saedashboard(hf_home, corpora, tmp_path):
+    res = _run(_GEMMA, hf_home, str(corpora["parquet"]), str(tmp_path), cwd=tmp_path)
+    assert GEMMA.endswith(res["model"]) and res["model_name"] == GEMMA and res["d_sae"] >= 10
     assert res["stream"]["tokenizer"] == GEMMA and res["stream"]["id_column"] == "id"
     for doc_id, token, text in res["labels"]:
         assert doc_id.startswith("doc-")  # the dataset's id column
         assert text.strip() == token.strip()
+    # SAEBench loaded the model by its Hub name from the mirror (no stand-in loader) and scored it.
+    assert res["saebench"]["loaded"] == [GEMMA]
+    metrics = res["saebench"]["metrics"]
+    assert metrics["sparsity"]["l0"] > 1 and metrics["reconstruction_quality"]["explained_variance"] > 0.2
+    # SAEDashboard's page for atoms 0 and 1 (signed: four features), with their labels above it.
+    page = res["dashboard"]
+    assert res["loaded"] == [GEMMA, GEMMA]  # the dashboard's HookedSAETransformer too, by that name
+    assert page.startswith("<div id='itda-labels'") and "atom 1, negative part" in page
 
 
 # --- anchored windows and labels, any dataset ------------------------------------------------------
@@ -235,6 +259,22 @@ def test_windows_of_a_streamed_dataset_keep_document_and_span(corpora, smollm2_t
     start, end = label.char_span
     assert label_text(label, settings) == order[row["doc_id"]][start:end]
     assert label_text(label, settings, before=5, after=5) == order[row["doc_id"]][max(0, start - 5):end + 5]
+
+
+def test_analysis_tools_read_any_dataset_with_its_ids(corpora, smollm2_tokenizer):
+    """Layer matching and diffing (read_documents), compare and the atom tools (dataset_windows)
+    read a local folder as the runner does: the ``id`` column, or the row index, as ``doc_id``."""
+    from sae_lens_itda.sources.corpora import load_documents
+    from sae_lens_itda.sources.documents import dataset_windows, read_documents
+
+    docs = read_documents(str(corpora["parquet"]), max_documents=5)
+    assert docs["doc_id"] == [f"doc-0-{i}" for i in range(5)] and docs["text"] == corpora["texts"][80:][0::2][:5]
+    assert read_documents(str(corpora["zst"]), max_documents=3)["doc_id"] == ["0", "1", "2"]  # no id column
+    windows = dataset_windows(str(corpora["zst"]), smollm2_tokenizer, 32, n_windows=7)
+    assert len(windows) == 7 and windows[0]["doc_id"] == "0"
+    assert len(dataset_windows("shakespeare", smollm2_tokenizer, 512, split="test", n_windows=7)) > 7  # whole split
+    with pytest.raises(ValueError, match="not an embedded corpus.*read_documents"):
+        load_documents(str(corpora["zst"]))
 
 
 def _bad_cfg(dataset: str, hook: str = "blocks.0.hook_resid_post", ctx: int = 16) -> LanguageModelSAERunnerConfig:

@@ -297,7 +297,7 @@ def test_cli_on_tiny_models(tmp_path, monkeypatch, documents, word_tok, capsys):
     a = tiny_model(word_tok, seed=0)
     models = {"tiny": a, "tiny-rotated": rotated_copy(a)}
     monkeypatch.setattr(lm, "load_model", lambda name, **kw: models[name])
-    monkeypatch.setattr(lm, "load_documents", lambda name, split: documents)
+    monkeypatch.setattr(lm, "read_documents", lambda name, split, max_documents=None: documents)
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text("models: [tiny, tiny-rotated]\ncontext_size: 32\ntokens: 320\nk: 4\nloss_threshold: 1.0e-2\ntarget_dict_size: 0\n")
     out = tmp_path / "cli"
@@ -340,7 +340,7 @@ def test_gpt2_seeds_config_runs_with_only_the_hub_stubbed(tmp_path, monkeypatch,
     # dataset to datasets.load_dataset; only those two Hub calls are replaced, by tiny stand-ins.
     import sae_lens.load_model
 
-    from sae_lens_itda.sources import corpora as data
+    from sae_lens_itda.sources import documents as data
 
     base = tiny_model(word_tok, seed=0)
     requested, copies = [], {}
@@ -351,6 +351,7 @@ def test_gpt2_seeds_config_runs_with_only_the_hub_stubbed(tmp_path, monkeypatch,
 
     monkeypatch.setattr(sae_lens.load_model, "load_model", fake_model_loader)
     monkeypatch.setattr(data, "load_dataset", lambda name, split, **kw: documents.remove_columns("doc_id") if name == "NeelNanda/pile-10k" else None)
+    # (documents.py reads every dataset that is not the embedded corpus)
     path = Path(__file__).resolve().parent.parent / "configs" / "layer-matching-gpt2-seeds.yaml"
     res = lm.main(["--config", str(path), "--out", str(tmp_path), "--context-size", "32", "--tokens", "320",
                    "--target-dict-size", "16", "--measures", "itda", "cka", "--baseline-tokens", "0", "--device", "cpu"])

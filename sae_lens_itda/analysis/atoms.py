@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,12 +55,11 @@ class AtomStats:
 
 def heldout_windows(model, corpus: str = "shakespeare", n_windows: int = 128, context_size: int = 64,
                     split: str = "test") -> torch.Tensor:
-    """``n_windows`` windows spread evenly over the held-out split (all works, not the first)."""
-    from sae_lens_itda.sources.corpora import load_token_dataset
+    """``n_windows`` windows of ``corpus`` (any dataset): for the embedded corpus spread evenly over
+    the held-out split (all works, not the first), for others the split's first ``n_windows``."""
+    from sae_lens_itda.sources.documents import dataset_windows
 
-    ds = load_token_dataset(corpus, model.tokenizer, context_size, split=split)
-    if "input_ids" not in ds.column_names:
-        raise ValueError(f"{corpus!r} is not an embedded corpus; pass tokens instead")
+    ds = dataset_windows(corpus, model.tokenizer, context_size, split, n_windows)
     pick = np.linspace(0, len(ds) - 1, min(n_windows, len(ds))).round().astype(int)
     return torch.tensor(np.asarray(ds.select(pick.tolist())["input_ids"]))
 
@@ -154,10 +154,17 @@ def logit_effects(itda: ITDA, model, n: int = 10, chunk: int = 512):
 def add_source_arguments(p: argparse.ArgumentParser) -> None:
     """``--sae``, the held-out text the atoms are shown on, and the device."""
     p.add_argument("--sae", required=True, metavar="RELEASE:ID|FOLDER")
-    p.add_argument("--corpus", default="shakespeare", help="embedded corpus whose held-out split gives the contexts")
+    p.add_argument("--corpus", default="shakespeare",
+                   help="dataset giving the contexts: the embedded corpus, a Hub name or a local folder")
+    p.add_argument("--split", default="test", help="its split (the embedded corpus's held-out works by default)")
     p.add_argument("--n-windows", type=int, default=128)
     p.add_argument("--context-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
+
+
+def window_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The :func:`heldout_windows` keywords that :func:`add_source_arguments` parsed."""
+    return {"corpus": args.corpus, "split": args.split, "n_windows": args.n_windows, "context_size": args.context_size}
 
 
 def load_source(args: argparse.Namespace, model_class_name: str = "HookedTransformer") -> tuple[ITDA, object]:
@@ -168,4 +175,6 @@ def load_source(args: argparse.Namespace, model_class_name: str = "HookedTransfo
     _, itda = load_any(args.sae, args.device)
     if not isinstance(itda, ITDA):
         raise ValueError(f"{args.sae} is a {type(itda).__name__}, not an ITDA")
-    return itda, load_model(itda.cfg.metadata.model_name, device=args.device, model_class_name=model_class_name)
+    md = itda.cfg.metadata  # the model as the dictionary was built on it
+    return itda, load_model(md.model_name, device=args.device, model_class_name=model_class_name,
+                            **(md.model_from_pretrained_kwargs or {}))

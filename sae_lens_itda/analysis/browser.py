@@ -16,7 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sae_lens_itda.analysis.atoms import AtomStats, add_source_arguments, load_source, Example, atom_stats, heldout_windows
+from sae_lens_itda.analysis.atoms import (AtomStats, Example, add_source_arguments, atom_stats, heldout_windows, load_source,
+                                          window_arguments)
 from sae_lens_itda.itda import ITDA
 
 BEFORE, AFTER = 12, 4  # tokens of context shown around each example
@@ -83,7 +84,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> Path:
     itda, model = load_source(args)
-    path = build(itda, model, args.out, corpus=args.corpus, n_windows=args.n_windows, context_size=args.context_size)
+    path = build(itda, model, args.out, **window_arguments(args))
     print(f"Atom browser for {itda.cfg.d_sae} atoms: {path}")
     return path
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from sae_lens_itda.analysis.atoms import add_source_arguments, heldout_windows, load_source
+from sae_lens_itda.analysis.atoms import add_source_arguments, heldout_windows, load_source, window_arguments
 from sae_lens_itda.core.sinks import SINK_FACTOR
 from sae_lens_itda.evaluation.saebench import SignSplitITDA
 from sae_lens_itda.itda import ITDA
@@ -92,7 +92,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> Path:
     itda, model = load_source(args, model_class_name="HookedSAETransformer")
-    tokens = heldout_windows(model, corpus=args.corpus, n_windows=args.n_windows, context_size=args.context_size)
+    tokens = heldout_windows(model, **window_arguments(args))
     data = run_dashboard(itda, model, tokens, args.atoms, signed=not args.unsigned, include_sinks=args.include_sinks)
     path = save(data, itda, args.out, signed=not args.unsigned)
     print(f"SAEDashboard for atoms {args.atoms}: {path}")

@@ -152,7 +152,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("finetuned", nargs="?", help="fine-tuned model name")
     p.add_argument("--config", help="YAML of these options (keys as the flags, with _); flags win")
     p.add_argument("--hook", help=f"hook to diff at (default {DEFAULTS['hook']})")
-    p.add_argument("--dataset", help="corpus name for load_documents (default shakespeare)")
+    p.add_argument("--dataset", help="dataset: embedded corpus, Hub name or local folder (default shakespeare)")
     p.add_argument("--split")
     p.add_argument("--n-tokens", type=int)
     p.add_argument("--context-size", type=int)

@@ -41,7 +41,7 @@ from sae_lens_itda.core.labels import AtomLabel, make_label
 from sae_lens_itda.core.sinks import SINK_FACTOR, sink_mask
 from sae_lens_itda.itda import ITDA
 from sae_lens_itda.sources.activations import hook_activations
-from sae_lens_itda.sources.corpora import load_documents
+from sae_lens_itda.sources.documents import read_documents
 from sae_lens_itda.sources.models import load_model
 
 __all__ = ["TokenDiff", "AtomDiff", "DiffReport", "ModelSide", "diff_models", "default_layers", "read_side", "token_entries"]
@@ -192,7 +192,7 @@ def token_entries(report: DiffReport, score: str, n: int) -> list[TokenDiff]:
 
 
 def _documents(dataset: Any, split: str):
-    docs = load_documents(dataset, split) if isinstance(dataset, str) else dataset
+    docs = read_documents(dataset, split) if isinstance(dataset, str) else dataset
     if not {"doc_id", "text"} <= set(docs.column_names):
         raise ValueError(f"The documents need 'doc_id' and 'text' columns, got {docs.column_names}")
     return docs
@@ -239,7 +239,7 @@ def diff_models(
 
     ``base``/``finetuned`` are HookedTransformers or names for
     :func:`~sae_lens_itda.sources.models.load_model`. ``dataset`` is a corpus name for
-    :func:`~sae_lens_itda.sources.corpora.load_documents` (with ``split``) or a ``datasets``
+    :func:`~sae_lens_itda.sources.documents.read_documents` (with ``split``) or a ``datasets``
     table with ``doc_id`` and ``text``. ``settings`` configure every ITDA build (default
     ``ConstructionSettings(k=16)``); ``layers`` are the layers of the Jaccard curve (default
     :func:`default_layers`; ``[]`` for none). See the module docstring for the scores.

@@ -52,7 +52,7 @@ from sae_lens_itda.analysis.representations import ModelReps, build_layer_dictio
 from sae_lens_itda.analysis.windows import aligned_rows, retokenize_windows, same_tokenizer, sample_windows
 from sae_lens_itda.core.construction import ConstructionSettings
 from sae_lens_itda.core.sinks import SINK_FACTOR
-from sae_lens_itda.sources.corpora import load_documents
+from sae_lens_itda.sources.documents import read_documents
 from sae_lens_itda.sources.models import load_model
 
 MEASURE_NAMES = ("itda", "cka", "svcca", "relative", "linreg")
@@ -79,7 +79,7 @@ class LayerMatchingConfig:
         pairs: ``"all"`` (every pair i < j of ``models``), ``"ordered"`` (every pair both ways,
             i != j: the paper's protocol, as measures like linear regression are not symmetric)
             or ``"first"`` (the first model against each other one).
-        dataset, split, max_documents: documents from :func:`sae_lens_itda.sources.corpora.load_documents`
+        dataset, split, max_documents: documents from :func:`sae_lens_itda.sources.documents.read_documents`
             (``max_documents`` keeps only the first ones, for large online datasets).
         context_size: tokens per window for the first model, BOS included.
         tokens: tokens fed to each model (whole windows; rounded up), for the dictionaries and
@@ -283,10 +283,7 @@ def _sides(cfg: LayerMatchingConfig) -> list[tuple[str, str, int | None, int]]:
 
 
 def _documents(cfg: LayerMatchingConfig):
-    documents = load_documents(cfg.dataset, cfg.split)
-    if cfg.max_documents is not None:
-        documents = documents.select(range(min(cfg.max_documents, len(documents))))
-    return documents
+    return read_documents(cfg.dataset, cfg.split, cfg.max_documents)
 
 
 def _device(name: str) -> str:

@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sae_lens_itda.analysis.atoms import AtomStats, add_source_arguments, load_source, atom_stats, heldout_windows
+from sae_lens_itda.analysis.atoms import AtomStats, add_source_arguments, atom_stats, heldout_windows, load_source, window_arguments
 from sae_lens_itda.itda import ITDA
 
 EXPLANATION_TYPE = "itda-atom-label"
@@ -155,8 +155,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> Path:
     itda, model = load_source(args)
-    folder = export(itda, model, args.out, source_set=args.source_set, creator_id=args.creator_id, corpus=args.corpus,
-                    n_windows=args.n_windows, context_size=args.context_size)
+    folder = export(itda, model, args.out, source_set=args.source_set, creator_id=args.creator_id,
+                    **window_arguments(args))
     print(f"Neuronpedia upload layout for {itda.cfg.d_sae} atoms written to {folder}")
     return folder
 

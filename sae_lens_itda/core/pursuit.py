@@ -297,9 +297,12 @@ def _ormp_chunk(
     # The score is in squared units; the norm in float64 (see _omp_chunk).
     tol2 = (1e-7 * torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)) ** 2
     active = tol2 > 0
+    # [B, n] work buffers, reused: at 64k atoms each pass over one costs like the step's matmul.
+    score, low = torch.empty_like(alpha), torch.empty(B, n, dtype=torch.bool, device=dev)
     t_used = 0
     for t in range(k):
-        j, a_j, w, diag2, active = _ormp_pick(alpha, nrm2, atoms, S64[:, :t], L[:, :t, :t], nonneg, tol2, active)
+        j, a_j, w, diag2, active = _ormp_pick(alpha, nrm2, atoms, S64[:, :t], L[:, :t, :t], nonneg, tol2, active,
+                                              score, low)
         if _finished(active, t):
             break
         norm = torch.where(active, diag2.clamp_min(ORMP_EPS).sqrt(), torch.ones_like(diag2))
@@ -316,8 +319,8 @@ def _ormp_chunk(
         if t == k - 1:
             break
         u = _ormp_direction(atoms, gram, j, w.float(), norm.float(), active, U, Q, t)
-        alpha -= pt.float().unsqueeze(1) * u
-        nrm2 -= u * u
+        alpha.addcmul_(pt.float().unsqueeze(1), u, value=-1.0)
+        nrm2.addcmul_(u, u, value=-1.0)
         # In the span of the support now; pin round-off so nothing is selected twice.
         nrm2.scatter_(1, idx[:, : t + 1], 0.0)
     Lt = L[:, :t_used, :t_used].transpose(1, 2)
@@ -332,15 +335,18 @@ def _ormp_chunk(
     return out_idx, out_val
 
 
-def _ormp_pick(alpha, nrm2, atoms, S64, L, nonneg, tol2, active):
+def _ormp_pick(alpha, nrm2, atoms, S64, L, nonneg, tol2, active, score, low):
     """The next atom of each token: the best score among atoms not (numerically) in the span
     of its support. Returns the atom index, the atom in float64, its projections ``w`` on the
-    support's orthonormal basis, ``||P⊥ d_j||²`` and which tokens still select."""
+    support's orthonormal basis, ``||P⊥ d_j||²`` and which tokens still select. ``score`` and
+    ``low`` are [B, n] work buffers."""
     arange = torch.arange(alpha.shape[0], device=alpha.device)
     while True:
-        # alpha|alpha|/nrm2 orders like alpha/||P⊥ d||, without a sqrt.
-        score = torch.where(nrm2 > ORMP_EPS, alpha * alpha.abs() / nrm2.clamp_min(ORMP_EPS), 0.0)
-        best, j = _select(score, nonneg)
+        # alpha²/nrm2 (signed) or alpha|alpha|/nrm2 (non-negative) orders like alpha/||P⊥ d||
+        # without a sqrt, so the pick is a plain max; atoms (nearly) in the span score 0.
+        torch.abs(alpha, out=score).mul_(alpha) if nonneg else torch.mul(alpha, alpha, out=score)
+        score.div_(nrm2).masked_fill_(torch.le(nrm2, ORMP_EPS, out=low), 0.0)
+        best, j = score.max(dim=1)
         ok = active & (best > tol2)
         a_j = atoms[j].to(torch.float64)
         g_sj = torch.einsum("btd,bd->bt", S64, a_j)

@@ -11,7 +11,7 @@ domain.
 
 Documents are kept whole, one per work, and the ``"train"``/``"test"`` splits are fixed lists
 of whole works (:data:`SHAKESPEARE_TEST_WORKS`), so text evaluated on is text a dictionary
-never saw. Any other corpus name is loaded with ``datasets.load_dataset`` (online).
+never saw. Other datasets (Hub names, local folders) are read by :mod:`sae_lens_itda.sources.documents`.
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from datasets import Dataset, load_dataset
+from datasets import Dataset
 
 from sae_lens_itda.io.cache import cache_dir, cached_dir
 
@@ -106,34 +105,30 @@ def shakespeare_dir() -> Path:
     )
 
 
-def load_documents(name: str = "shakespeare", split: str = "train", **load_dataset_kwargs: Any):
-    """Whole documents as a ``datasets.Dataset`` with columns ``doc_id`` and ``text``.
+def load_documents(name: str = "shakespeare", split: str = "train") -> Dataset:
+    """An embedded corpus's whole documents as a ``datasets.Dataset`` with columns ``doc_id`` and ``text``.
 
     ``"shakespeare"``: one row per work, sorted by ``doc_id`` (the file name, e.g. ``"hamlet"``);
-    ``split`` is ``"train"``, ``"test"`` (:data:`SHAKESPEARE_TEST_WORKS`) or ``"all"``.
-    Any other name is passed to ``datasets.load_dataset(name, split=split, ...)``; it must have
-    a ``text`` column, and ``doc_id`` is the row index as a string.
+    ``split`` is ``"train"``, ``"test"`` (:data:`SHAKESPEARE_TEST_WORKS`) or ``"all"``. Any other
+    dataset is read by :func:`sae_lens_itda.sources.documents.read_documents` (one rule for its ids).
     """
-    if name in EMBEDDED_CORPORA:
-        if split not in SPLITS:
-            raise ValueError(f"Unknown split {split!r} for {name!r}; choose one of {SPLITS}")
-        files = sorted(shakespeare_dir().glob("*.txt"))
-        keep = [
-            f
-            for f in files
-            if split == "all" or (f.stem in SHAKESPEARE_TEST_WORKS) == (split == "test")
-        ]
-        return Dataset.from_dict(
-            {
-                "doc_id": [f.stem for f in keep],
-                "text": [f.read_text(encoding="utf-8") for f in keep],
-            }
-        )
-    ds = load_dataset(name, split=split, **load_dataset_kwargs)
-    if "text" not in ds.column_names:
-        raise ValueError(f"Dataset {name!r} has no 'text' column (columns: {ds.column_names})")
-    ds = ds.map(lambda _, i: {"doc_id": str(i)}, with_indices=True)
-    return ds.select_columns(["doc_id", "text"])
+    if name not in EMBEDDED_CORPORA:
+        raise ValueError(f"{name!r} is not an embedded corpus ({sorted(EMBEDDED_CORPORA)}); read other datasets "
+                         "with sae_lens_itda.sources.documents.read_documents or document_windows")
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r} for {name!r}; choose one of {SPLITS}")
+    files = sorted(shakespeare_dir().glob("*.txt"))
+    keep = [
+        f
+        for f in files
+        if split == "all" or (f.stem in SHAKESPEARE_TEST_WORKS) == (split == "test")
+    ]
+    return Dataset.from_dict(
+        {
+            "doc_id": [f.stem for f in keep],
+            "text": [f.read_text(encoding="utf-8") for f in keep],
+        }
+    )
 
 
 def tokenize_documents(docs, tokenizer, context_size: int, prepend_bos: bool = True) -> Dataset:
@@ -188,12 +183,8 @@ def tokenize_documents(docs, tokenizer, context_size: int, prepend_bos: bool = T
 def load_token_dataset(
     name: str, tokenizer, context_size: int, split: str = "train", prepend_bos: bool = True
 ) -> Dataset:
-    """The dataset to hand SAELens: tokenized windows for an embedded corpus, text otherwise.
+    """An embedded corpus's tokenized windows: :func:`tokenize_documents` of :func:`load_documents`.
 
-    For an embedded corpus this is :func:`tokenize_documents` of :func:`load_documents`; for any
-    other name, the text dataset from :func:`load_documents`, which SAELens tokenizes itself.
+    Any other dataset: :func:`sae_lens_itda.sources.documents.document_windows`.
     """
-    docs = load_documents(name, split)
-    if name not in EMBEDDED_CORPORA:
-        return docs
-    return tokenize_documents(docs, tokenizer, context_size, prepend_bos=prepend_bos)
+    return tokenize_documents(load_documents(name, split), tokenizer, context_size, prepend_bos=prepend_bos)

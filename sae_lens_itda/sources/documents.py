@@ -83,6 +83,14 @@ def iter_documents(source: TextSource) -> Iterator[dict[str, str]]:
         yield {"doc_id": str(row[id_col]) if id_col else str(i), "text": row[source.text_column] or ""}
 
 
+def read_documents(dataset: str, split: str = "train", max_documents: int | None = None) -> Dataset:
+    """The first ``max_documents`` documents (all with None) as a ``Dataset`` of ``doc_id`` and ``text``."""
+    docs = list(islice(iter_documents(TextSource(dataset, split)), max_documents))
+    if not docs:
+        raise ValueError(f"Dataset {dataset!r} (split {split!r}) is empty")
+    return Dataset.from_list(docs)
+
+
 def document_windows(source: TextSource, tokenizer, context_size: int, n_windows: int | None = None,
                      prepend_bos: bool = True) -> Dataset:
     """The first ``n_windows`` windows (all with None) of the source's documents, in order.
@@ -104,6 +112,14 @@ def document_windows(source: TextSource, tokenizer, context_size: int, n_windows
                          "it is empty, or every document is shorter than that")
     out = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     return out.select(range(min(have, n_windows))) if n_windows is not None else out
+
+
+def dataset_windows(dataset: str, tokenizer, context_size: int, split: str = "train",
+                    n_windows: int | None = None) -> Dataset:
+    """Anchored windows of any dataset: an embedded corpus's whole split (it is small, and callers
+    sample or shuffle it), another dataset's first ``n_windows`` (a Hub stream is read that far)."""
+    source = TextSource(dataset, split)
+    return document_windows(source, tokenizer, context_size, None if source.is_embedded() else n_windows)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

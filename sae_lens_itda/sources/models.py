@@ -224,7 +224,9 @@ def load_model(
     ``model_class_name="HookedSAETransformer"``, SAELens's subclass) with unprocessed weights
     (no LayerNorm folding or centring, so activations match the HF model), whose
     ``cfg.model_name`` is the embedded name, in float32 unless ``dtype`` says otherwise. Any
-    other name goes to SAELens's ``load_model(model_class_name, name, device, kwargs)``; use
+    other name goes to SAELens's ``load_model(model_class_name, name, device, kwargs)`` (and
+    ``"HookedSAETransformer"``, which it does not list, to that class's
+    ``from_pretrained_no_processing`` as SAELens loads a ``HookedTransformer``); use
     ``model_class_name="AutoModelForCausalLM"`` for HF models TransformerLens does not support.
 
     The dtype asked for is the one the model gets: ``dtype``, or ``dtype``/``torch_dtype`` in the
@@ -243,6 +245,10 @@ def load_model(
     if name not in EMBEDDED_MODELS:
         from sae_lens.load_model import load_model as sae_lens_load_model
 
+        if model_class_name == "HookedSAETransformer":  # SAELens's load_model does not list it
+            from sae_lens import HookedSAETransformer
+
+            return HookedSAETransformer.from_pretrained_no_processing(name, device=device, dtype=dtype, **kwargs)
         if model_class_name in ("HookedTransformer", "AutoModelForCausalLM"):
             kwargs["dtype"] = dtype
         return sae_lens_load_model(model_class_name, name, device, kwargs)

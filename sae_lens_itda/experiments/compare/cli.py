@@ -12,6 +12,7 @@ import torch
 
 from sae_lens_itda.experiments.compare.records import CompareConfig, Result
 from sae_lens_itda.experiments.compare.runs import EvaluateFn, run_comparison
+from sae_lens_itda.sources.documents import dataset_windows
 
 DESCRIPTION = "ITDA side by side with SAELens TopK SAEs: one model, one layer, one token budget."
 
@@ -72,19 +73,17 @@ def _config(args: argparse.Namespace) -> CompareConfig:
 def _evaluator(args: argparse.Namespace, model) -> EvaluateFn:
     """Held-out metrics for every dictionary on the same tokens (the test split)."""
     from sae_lens_itda.evaluation.heldout import HeldOutEvaluator, evaluate
-    from sae_lens_itda.sources.corpora import load_token_dataset
 
     heldout = partial(evaluate, model=model, corpus=args.corpus, split="test", n_tokens=args.eval_tokens,
                       context_size=args.context_size)
     if args.ce_mode == "evaluate":
         return partial(heldout, ce_batches=args.ce_batches, ce_batch_prompts=args.ce_batch_prompts)
-    windows = load_token_dataset(args.corpus, model.tokenizer, args.context_size, split="test")
+    windows = dataset_windows(args.corpus, model.tokenizer, args.context_size, "test", -(-args.eval_tokens // args.context_size))
     return HeldOutEvaluator(model, args.hook, windows, args.eval_tokens, args.ce_batches, args.ce_batch_prompts,
                             recon_fn=partial(heldout, ce_batches=0), progress=not args.no_progress)
 
 
 def run(args: argparse.Namespace) -> list[Result]:
-    from sae_lens_itda.sources.corpora import load_token_dataset
     from sae_lens_itda.sources.models import load_model
 
     if args.threads:
@@ -94,7 +93,8 @@ def run(args: argparse.Namespace) -> list[Result]:
     model = load_model(args.model)
     load_s = time.perf_counter() - t0
     # The ITDA runner's own order for the embedded corpus: windows shuffled with the run's seed.
-    dataset = load_token_dataset(args.corpus, model.tokenizer, args.context_size, split="train")
+    dataset = dataset_windows(args.corpus, model.tokenizer, args.context_size, "train",
+                              cfg.rows * max(1, cfg.sae_big_multiplier))
     dataset = dataset.shuffle(seed=cfg.seed).flatten_indices()
     evaluate_fn = _evaluator(args, model)
     if cfg.time_budget_s is not None:
