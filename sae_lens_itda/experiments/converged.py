@@ -106,7 +106,7 @@ def train_sae(train: torch.Tensor, held_out: torch.Tensor, cfg: ConvergedConfig,
                           lr=lr, seed=cfg.seed, sae_metadata=metadata)
     per_epoch = len(train) - len(train) % cfg.batch_size  # each epoch drops its ragged tail
     t0 = time.perf_counter()
-    sae = train_topk_adam(train, acfg, progress=False, eval_acts=held_out, eval_every_tokens=per_epoch,
+    sae = train_topk_adam(train, acfg, progress=True, eval_acts=held_out, eval_every_tokens=per_epoch,
                           history=history, callback=stopper)
     fit_s = time.perf_counter() - t0  # includes the held-out evaluation after each epoch
     curve = [(p.tokens_seen / per_epoch, p.explained_variance) for p in history]
