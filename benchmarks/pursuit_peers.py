@@ -46,7 +46,12 @@ def load(model: str, n_train: int = 72_000, n_test: int = 8192) -> tuple[torch.T
 
 
 def explained_variance(x: torch.Tensor, recon: torch.Tensor) -> float:
-    return float(1 - ((x - recon) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+    """The package's one explained-variance rule (float64 sums), as every table uses."""
+    from sae_lens_itda.core.metrics import MetricsAccumulator
+
+    acc = MetricsAccumulator()
+    acc.add(x, recon, 0.0)
+    return acc.result()["explained_variance"]
 
 
 def make_methods(atoms: torch.Tensor, k: int, threads: int, spams_dtypes: list[str]) -> dict:
