@@ -238,8 +238,9 @@ def diff_models(
     """Diff ``finetuned`` against ``base`` at ``hook_name`` on ``n_tokens`` of shared text.
 
     ``base``/``finetuned`` are HookedTransformers or names for
-    :func:`~sae_lens_itda.sources.models.load_model`. ``dataset`` is a corpus name for
-    :func:`~sae_lens_itda.sources.documents.read_documents` (with ``split``) or a ``datasets``
+    :func:`~sae_lens_itda.sources.models.load_model`. ``dataset`` is any dataset name (the embedded
+    corpus, a Hub name or a local folder) for :func:`~sae_lens_itda.sources.documents.read_documents`
+    (with ``split``) or a ``datasets``
     table with ``doc_id`` and ``text``. ``settings`` configure every ITDA build (default
     ``ConstructionSettings(k=16)``); ``layers`` are the layers of the Jaccard curve (default
     :func:`default_layers`; ``[]`` for none). See the module docstring for the scores.

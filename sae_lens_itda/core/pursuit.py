@@ -345,7 +345,7 @@ def _ormp_pick(alpha, nrm2, atoms, S64, L, nonneg, tol2, active, score, low):
         # alpha²/nrm2 (signed) or alpha|alpha|/nrm2 (non-negative) orders like alpha/||P⊥ d||
         # without a sqrt, so the pick is a plain max; atoms (nearly) in the span score 0.
         torch.abs(alpha, out=score).mul_(alpha) if nonneg else torch.mul(alpha, alpha, out=score)
-        score.div_(nrm2).masked_fill_(torch.le(nrm2, ORMP_EPS, out=low), 0.0)
+        score.div_(nrm2).masked_fill_(torch.gt(nrm2, ORMP_EPS, out=low).logical_not_(), 0.0)  # NaN norms too
         best, j = score.max(dim=1)
         ok = active & (best > tol2)
         a_j = atoms[j].to(torch.float64)

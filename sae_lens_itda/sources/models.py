@@ -248,7 +248,7 @@ def load_model(
         if model_class_name == "HookedSAETransformer":  # SAELens's load_model does not list it
             from sae_lens import HookedSAETransformer
 
-            return HookedSAETransformer.from_pretrained_no_processing(name, device=device, dtype=dtype, **kwargs)
+            return HookedSAETransformer.from_pretrained_no_processing(name, device=device, dtype=_as_dtype(dtype), **kwargs)
         if model_class_name in ("HookedTransformer", "AutoModelForCausalLM"):
             kwargs["dtype"] = dtype
         return sae_lens_load_model(model_class_name, name, device, kwargs)

@@ -1,4 +1,4 @@
-"""Command line of the comparison (a thin wrapper for the embedded models and corpus)."""
+"""Command line of the comparison: a model by name and any dataset (the embedded corpus by default)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hook", default="blocks.15.hook_resid_post")
     p.add_argument("--tokens", type=int, default=81_920, help="training tokens for every ITDA and SAE")
     p.add_argument("--out", default="outputs/compare/smollm2")
-    p.add_argument("--corpus", default="shakespeare")
+    p.add_argument("--corpus", default="shakespeare", help="dataset: the embedded corpus, a Hub name or a local folder")
+    p.add_argument("--eval-split", default="test", help="the corpus split the dictionaries are scored on")
     p.add_argument("--context-size", type=int, default=128)
     p.add_argument("--taus", type=_floats, default=(4e-4, 2e-4, 1e-4), help="comma-separated ITDA thresholds")
     p.add_argument("--itda-ks", type=_ints, default=(40,), help="comma-separated ITDA L0s")
@@ -74,11 +75,12 @@ def _evaluator(args: argparse.Namespace, model) -> EvaluateFn:
     """Held-out metrics for every dictionary on the same tokens (the test split)."""
     from sae_lens_itda.evaluation.heldout import HeldOutEvaluator, evaluate
 
-    heldout = partial(evaluate, model=model, corpus=args.corpus, split="test", n_tokens=args.eval_tokens,
+    heldout = partial(evaluate, model=model, corpus=args.corpus, split=args.eval_split, n_tokens=args.eval_tokens,
                       context_size=args.context_size)
     if args.ce_mode == "evaluate":
         return partial(heldout, ce_batches=args.ce_batches, ce_batch_prompts=args.ce_batch_prompts)
-    windows = dataset_windows(args.corpus, model.tokenizer, args.context_size, "test", -(-args.eval_tokens // args.context_size))
+    n_windows = max(-(-args.eval_tokens // args.context_size), args.ce_batches * args.ce_batch_prompts)
+    windows = dataset_windows(args.corpus, model.tokenizer, args.context_size, args.eval_split, n_windows)
     return HeldOutEvaluator(model, args.hook, windows, args.eval_tokens, args.ce_batches, args.ce_batch_prompts,
                             recon_fn=partial(heldout, ce_batches=0), progress=not args.no_progress)
 
