@@ -282,10 +282,6 @@ def _sides(cfg: LayerMatchingConfig) -> list[tuple[str, str, int | None, int]]:
     return [(_side_label(n, o, s), n, o, s) for n, o, s in zip(cfg.models, orders, shifts)]
 
 
-def _documents(cfg: LayerMatchingConfig):
-    return read_documents(cfg.dataset, cfg.split, cfg.max_documents)
-
-
 def _device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -382,7 +378,7 @@ def run_layer_matching(
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if documents is None:
-        documents = _documents(cfg)
+        documents = read_documents(cfg.dataset, cfg.split, cfg.max_documents)
     texts = dict(zip(documents["doc_id"], documents["text"]))
     reps = _all_reps(cfg, documents, texts, models)
 

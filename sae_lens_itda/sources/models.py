@@ -243,12 +243,12 @@ def load_model(
     if is_seed_model(name):
         return load_seed_model(name, device=device, dtype=_as_dtype(dtype))
     if name not in EMBEDDED_MODELS:
-        from sae_lens.load_model import load_model as sae_lens_load_model
-
         if model_class_name == "HookedSAETransformer":  # SAELens's load_model does not list it
             from sae_lens import HookedSAETransformer
 
             return HookedSAETransformer.from_pretrained_no_processing(name, device=device, dtype=_as_dtype(dtype), **kwargs)
+        from sae_lens.load_model import load_model as sae_lens_load_model
+
         if model_class_name in ("HookedTransformer", "AutoModelForCausalLM"):
             kwargs["dtype"] = dtype
         return sae_lens_load_model(model_class_name, name, device, kwargs)

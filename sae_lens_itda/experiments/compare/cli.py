@@ -72,7 +72,7 @@ def _config(args: argparse.Namespace) -> CompareConfig:
 
 
 def _evaluator(args: argparse.Namespace, model) -> EvaluateFn:
-    """Held-out metrics for every dictionary on the same tokens (the test split)."""
+    """Held-out metrics for every dictionary on the same tokens (of ``--eval-split``)."""
     from sae_lens_itda.evaluation.heldout import HeldOutEvaluator, evaluate
 
     heldout = partial(evaluate, model=model, corpus=args.corpus, split=args.eval_split, n_tokens=args.eval_tokens,
