@@ -39,6 +39,17 @@ def test_sae_training_stops_when_converged():
     assert rec["epochs"] == 3 and rec["curve"][-1][1] > rec["curve"][0][1]
 
 
+def test_evaluating_twice_an_epoch_halves_the_rise_asked_of_each_evaluation():
+    stop = cv._Stopper(cv.ConvergedConfig(min_delta=0.01, patience=2, evals_per_epoch=2), epochs=30)
+    evs = [0.5, 0.506, 0.509, 0.512]  # +0.006 is enough for half an epoch, +0.003 twice is not
+    asks = [stop(HistoryPoint((i + 1) * 50, 0.0, ev, 4.0)) for i, ev in enumerate(evs)]
+    assert asks == [False, False, False, True] and "per epoch for 1 epoch" in stop.reason
+    x, held = _data(2048), _data(512, seed=1)
+    cfg = cv.ConvergedConfig(k=4, batch_size=256, evals_per_epoch=2)
+    _, rec = cv.train_sae(x, held, cfg, width=32, lr=1e-3, epochs=2, stop=False, metadata={})
+    assert [e for e, _ in rec["curve"]] == [0, 0.5, 1, 1.5, 2]
+
+
 def test_sweep_picks_the_best_rate():
     x, held = _data(2048), _data(512, seed=1)
     cfg = cv.ConvergedConfig(k=4, batch_size=256, sweep_width=32, sweep_epochs=2, lrs=(1e-7, 3e-3))

@@ -11,8 +11,10 @@ an SAE trained to convergence. This workflow measures that on one cached activat
    rate; the best held-out explained variance picks the rate for every width.
 3. Per width: SAELens's TopK trainer (:func:`~sae_lens_itda.splinterp.adam.train_topk_adam`),
    epoch after epoch over the same tokens, with the held-out explained variance after each
-   epoch, until it rises by less than ``min_delta`` for ``patience`` epochs in a row (or
-   ``max_epochs``, or ``budget_s`` of training, whichever comes first: the table says which).
+   epoch (or ``evals_per_epoch`` times an epoch), until it rises by less than ``min_delta`` per
+   epoch for ``patience`` evaluations in a row (or ``max_epochs``, or ``budget_s`` of training,
+   whichever comes first: the table says which). On a large corpus, evaluating twice an epoch
+   confirms a plateau in one epoch instead of two.
 4. ITDAs built on the first 1% and 10% of the same tokens (whole windows), per ``taus``.
 5. Every dictionary scored by :func:`~sae_lens_itda.evaluation.heldout.evaluate` (EV with and
    without sinks, CE-loss and KL scores, L0), in ``compare``'s table and plots, plus
@@ -62,7 +64,8 @@ class ConvergedConfig:
     batch_size: int = 1024
     max_epochs: int = 30
     min_delta: float = 0.002
-    patience: int = 2
+    patience: int = 2  # evaluations in a row
+    evals_per_epoch: int = 1
     budget_s: float | None = None  # per width, training time
     fractions: tuple[float, ...] = (0.01, 0.1)
     taus: tuple[float, ...] = (2e-4, 1e-4)
@@ -87,9 +90,11 @@ class _Stopper:
             return False
         gain = p.explained_variance - self.best
         self.best = max(self.best, p.explained_variance)
-        self.stalled = self.stalled + 1 if gain < self.cfg.min_delta else 0
+        per_eval = self.cfg.min_delta / self.cfg.evals_per_epoch  # min_delta is a rise per epoch
+        self.stalled = self.stalled + 1 if gain < per_eval else 0
         if self.stalled >= self.cfg.patience:
-            self.reason = f"held-out EV rose < {self.cfg.min_delta} for {self.cfg.patience} epochs"
+            span = self.cfg.patience / self.cfg.evals_per_epoch
+            self.reason = f"held-out EV rose < {self.cfg.min_delta} per epoch for {span:g} epoch{'' if span == 1 else 's'}"
             return True
         if self.cfg.budget_s is not None and time.perf_counter() - self.t0 > self.cfg.budget_s:
             self.reason = f"stopped at the {self.cfg.budget_s:.0f} s budget, not converged"
@@ -105,8 +110,10 @@ def train_sae(train: torch.Tensor, held_out: torch.Tensor, cfg: ConvergedConfig,
     acfg = AdamTopKConfig(d_in=train.shape[1], d_sae=width, k=cfg.k, n_epochs=epochs, batch_size=cfg.batch_size,
                           lr=lr, seed=cfg.seed, sae_metadata=metadata)
     per_epoch = len(train) - len(train) % cfg.batch_size  # each epoch drops its ragged tail
+    # evaluations fall on whole batches, evenly through each epoch
+    every = max(1, per_epoch // cfg.batch_size // cfg.evals_per_epoch) * cfg.batch_size
     t0 = time.perf_counter()
-    sae = train_topk_adam(train, acfg, progress=True, eval_acts=held_out, eval_every_tokens=per_epoch,
+    sae = train_topk_adam(train, acfg, progress=True, eval_acts=held_out, eval_every_tokens=every,
                           history=history, callback=stopper)
     fit_s = time.perf_counter() - t0  # includes the held-out evaluation after each epoch
     curve = [(p.tokens_seen / per_epoch, p.explained_variance) for p in history]
@@ -215,7 +222,7 @@ def run_converged(cfg: ConvergedConfig, model=None) -> list[Result]:
         record["saes"].append(rec)
         finish(sae, Result(METHOD_SAE, f"TopK k={cfg.k} w={width}", cfg.k, None, width, len(train),
                            llm_s=per_tok * cfg.train_tokens, fit_s=rec["fit_s"], wall_s=rec["fit_s"],
-                           note=f"lr {lr:.0e}, {rec['epochs']:.0f} epochs: {rec['stop']}",
+                           note=f"lr {lr:.0e}, {rec['epochs']:.3g} epochs: {rec['stop']}",
                            extra={"curve": rec["curve"]}))
     special = sorted({i for i in (model.tokenizer.bos_token_id, model.tokenizer.eos_token_id,
                                   model.tokenizer.pad_token_id) if i is not None})
@@ -246,7 +253,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep-epochs", type=int, default=d.sweep_epochs)
     p.add_argument("--max-epochs", type=int, default=d.max_epochs)
     p.add_argument("--min-delta", type=float, default=d.min_delta)
-    p.add_argument("--patience", type=int, default=d.patience)
+    p.add_argument("--patience", type=int, default=d.patience, help="evaluations in a row without the rise")
+    p.add_argument("--evals-per-epoch", type=int, default=d.evals_per_epoch,
+                   help="held-out evaluations per epoch (2 on a large corpus: a plateau shows within an epoch)")
     p.add_argument("--budget-s", type=float, default=None, help="training time cap per width")
     p.add_argument("--fractions", type=float, nargs="+", default=list(d.fractions))
     p.add_argument("--taus", type=float, nargs="+", default=list(d.taus))
