@@ -80,3 +80,13 @@ def test_resume_reads_what_a_run_left(tmp_path):
     (tmp_path / "converged.json").write_text('{"lr": 0.003, "sweep": [], "saes": []}')
     record, rows = cv._previous(tmp_path)
     assert record["lr"] == 0.003 and [(r.name, r.note) for r in rows] == [(row.name, row.note)]
+
+
+def test_convergence_plot_is_written(tmp_path):
+    from sae_lens_itda.experiments.compare.records import METHOD_ITDA, Result
+
+    curve = [(0, 0.004), (0.5, 0.84), (1, 0.85)]
+    itda = Result(METHOD_ITDA, "ITDA k=40", 40, 1e-4, 4869, 14336, 1.0, 1.0, 1.0, ev=0.88, note="1% of the tokens")
+    path = cv._plot_convergence([{"width": 64, "lr": 1e-3, "curve": curve}], [{"width": 64, "lr": 1e-3, "curve": curve}],
+                                [itda], tmp_path, "a long title " * 12)
+    assert path.is_file() and path.stat().st_size > 10_000

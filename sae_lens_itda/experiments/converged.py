@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -170,10 +171,15 @@ def _plot_convergence(sweep: list[dict], saes: list[dict], itdas: list[Result], 
     for r in saes:
         ax.plot(*zip(*r["curve"]), marker="o", label=f"TopK w={r['width']} lr={r['lr']:.0e}")
     for i, r in enumerate(itdas):
-        ax.axhline(r.ev, color=f"C{(i + 5) % 10}", linestyle="--", linewidth=1, label=f"{r.name} ({r.note})")
+        ax.axhline(r.ev, color=f"C{(i + 5) % 10}", linestyle="--", linewidth=1, label=f"{r.name}, {r.dict_size:,} atoms ({r.note})")
+    # Zoom on where the curves and lines meet: the untrained point (EV ~0) would flatten them.
+    shown = [ev for r in sweep + saes for e, ev in r["curve"] if e > 0] + [r.ev for r in itdas]
+    if shown:
+        lo, hi = min(shown), max(shown)
+        ax.set_ylim(lo - 0.1 * (hi - lo) - 0.005, hi + 0.1 * (hi - lo) + 0.005)
     ax.set_xlabel("epochs over the SAE's training tokens")
     ax.set_ylabel("explained variance (held-out, no sinks)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 90), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
