@@ -48,6 +48,8 @@ def test_evaluating_twice_an_epoch_halves_the_rise_asked_of_each_evaluation():
     cfg = cv.ConvergedConfig(k=4, batch_size=256, evals_per_epoch=2)
     _, rec = cv.train_sae(x, held, cfg, width=32, lr=1e-3, epochs=2, stop=False, metadata={})
     assert [e for e, _ in rec["curve"]] == [0, 0.5, 1, 1.5, 2]
+    with pytest.raises(ValueError, match="evals_per_epoch"):
+        cv.ConvergedConfig(evals_per_epoch=0)
 
 
 def test_sweep_picks_the_best_rate():

@@ -78,6 +78,10 @@ class ConvergedConfig:
     resume: bool = False  # keep the sweep and the rows an interrupted run in ``out`` finished
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.evals_per_epoch < 1:
+            raise ValueError(f"evals_per_epoch must be >= 1, got {self.evals_per_epoch}")
+
 
 class _Stopper:
     """Callback for :func:`train_topk_adam`: stops when held-out EV has stalled, or on budget."""
@@ -116,7 +120,7 @@ def train_sae(train: torch.Tensor, held_out: torch.Tensor, cfg: ConvergedConfig,
     t0 = time.perf_counter()
     sae = train_topk_adam(train, acfg, progress=True, eval_acts=held_out, eval_every_tokens=every,
                           history=history, callback=stopper)
-    fit_s = time.perf_counter() - t0  # includes the held-out evaluation after each epoch
+    fit_s = time.perf_counter() - t0  # includes the held-out evaluations
     curve = [(p.tokens_seen / per_epoch, p.explained_variance) for p in history]
     return sae, {"width": width, "lr": lr, "fit_s": fit_s, "curve": curve, "epochs": curve[-1][0],
                  "stop": stopper.reason if stopper else f"{epochs} epochs (sweep)"}
