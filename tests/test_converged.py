@@ -4,6 +4,8 @@ windows of the training activations."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -92,3 +94,32 @@ def test_convergence_plot_is_written(tmp_path):
     path = cv._plot_convergence([{"width": 64, "lr": 1e-3, "curve": curve}], [{"width": 64, "lr": 1e-3, "curve": curve}],
                                 [itda], tmp_path, "a long title " * 12)
     assert path.is_file() and path.stat().st_size > 10_000
+
+
+def test_an_interrupted_sae_goes_on_from_its_checkpoint(tmp_path, monkeypatch):
+    x, held = _data(2048), _data(512, seed=1)
+    cfg = cv.ConvergedConfig(k=4, batch_size=256, evals_per_epoch=2, min_delta=0.0, patience=99)
+    _, whole = cv.train_sae(x, held, cfg, width=32, lr=1e-3, epochs=3, stop=True, metadata={})
+
+    real = cv._Stopper.__call__
+
+    def killed_after_epoch_2(self, p):  # the process dies at the 2.5-epoch evaluation
+        if p.tokens_seen == 5 * 1024:
+            raise KeyboardInterrupt
+        return real(self, p)
+
+    monkeypatch.setattr(cv._Stopper, "__call__", killed_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        cv.train_sae(x, held, cfg, width=32, lr=1e-3, epochs=3, stop=True, metadata={}, checkpoint=tmp_path / "w32")
+    monkeypatch.setattr(cv._Stopper, "__call__", real)
+    earlier_s = json.loads((tmp_path / "w32" / "progress.json").read_text())["seconds"]
+    _, rec = cv.train_sae(x, held, cfg, width=32, lr=1e-3, epochs=3, stop=True, metadata={}, checkpoint=tmp_path / "w32")
+    assert [e for e, _ in rec["curve"]] == [0, 0.5, 1, 1.5, 2, 2.5, 3]
+    torch.testing.assert_close(torch.tensor(rec["curve"]), torch.tensor(whole["curve"]))  # the same run, not a fresh one
+    assert rec["fit_s"] >= earlier_s > 0  # the time before the kill is counted
+
+
+def test_the_budget_counts_a_resumed_runs_earlier_time():
+    stop = cv._Stopper(cv.ConvergedConfig(budget_s=100.0), epochs=30)
+    assert stop(HistoryPoint(100, 0.0, 0.5, 4.0, seconds=60.0)) is False
+    assert stop(HistoryPoint(200, 0.0, 0.9, 4.0, seconds=101.0)) is True and "budget" in stop.reason

@@ -172,6 +172,41 @@ def test_adam_baseline_trains_and_loads(tmp_path: Path):
     assert isinstance(SAE.load_from_disk(tmp_path / "adam"), TopKSAE)
 
 
+
+class _Crash(Exception):
+    pass
+
+
+def test_adam_run_killed_and_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(tmp_path: Path):
+    X, _, _ = make_sparse_data(3_000, d=16, n_atoms=16, k=2, seed=4)
+    train, held = X[:2_500], X[2_500:]
+    cfg = AdamTopKConfig(d_in=16, d_sae=32, k=2, n_epochs=3, batch_size=128, lr=1e-2)
+    whole: list[HistoryPoint] = []
+    ref = train_topk_adam(train, cfg, progress=False, eval_acts=held, eval_every_tokens=1_000, history=whole)
+
+    def crash_at_4000(p: HistoryPoint) -> None:
+        if p.tokens_seen >= 4_000:
+            raise _Crash  # a kill between two evaluations: the last checkpoint is at ~3,000 tokens
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(_Crash):
+        train_topk_adam(train, cfg, progress=False, eval_acts=held, eval_every_tokens=1_000, callback=crash_at_4000,
+                        checkpoint=ckpt)
+    assert (ckpt / "progress.json").is_file() and not list(tmp_path.glob(".ckpt*"))  # no half-written folder
+    seen: list[HistoryPoint] = []
+    resumed = train_topk_adam(train, cfg, progress=False, eval_acts=held, eval_every_tokens=1_000, history=seen,
+                              checkpoint=ckpt)
+    # same weights, bit for bit (one thread): optimiser state, counters and the batch stream all resumed
+    for name, t in ref.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], t, rtol=0, atol=0)
+    assert [p.tokens_seen for p in seen] == [p.tokens_seen for p in whole]  # earlier points replayed
+    assert [p.seconds for p in seen] == sorted(p.seconds for p in seen)  # time carries on from the checkpoint
+    with pytest.raises(ValueError, match="another run.*lr"):
+        train_topk_adam(train, AdamTopKConfig(d_in=16, d_sae=32, k=2, lr=3e-3), progress=False, eval_acts=held,
+                        eval_every_tokens=1_000, checkpoint=ckpt)
+    with pytest.raises(ValueError, match="eval_acts"):
+        train_topk_adam(train, cfg, progress=False, checkpoint=tmp_path / "other")
+
 # --- k-means / local PCA -------------------------------------------------------------------
 
 

@@ -14,7 +14,8 @@ an SAE trained to convergence. This workflow measures that on one cached activat
    epoch (or ``evals_per_epoch`` times an epoch), until it rises by less than ``min_delta`` per
    epoch for ``patience`` evaluations in a row (or ``max_epochs``, or ``budget_s`` of training,
    whichever comes first: the table says which). On a large corpus, evaluating twice an epoch
-   confirms a plateau in one epoch instead of two.
+   confirms a plateau in one epoch instead of two. Each evaluation checkpoints the SAE in
+   ``out/checkpoints``, so ``resume`` continues an interrupted SAE where it was.
 4. ITDAs built on the first 1% and 10% of the same tokens (whole windows), per ``taus``.
 5. Every dictionary scored by :func:`~sae_lens_itda.evaluation.heldout.evaluate` (EV with and
    without sinks, CE-loss and KL scores, L0), in ``compare``'s table and plots, plus
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import textwrap
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,6 +45,7 @@ from sae_lens_itda.core.labels import make_label
 from sae_lens_itda.evaluation.heldout import evaluate
 from sae_lens_itda.experiments.compare.records import METHOD_ITDA, METHOD_SAE, Result, itda_name, load_results
 from sae_lens_itda.experiments.compare.report import plot, write_table
+from sae_lens_itda.io.atomic import atomic_file
 from sae_lens_itda.itda import ITDA
 from sae_lens_itda.sources.activations import Activations, cached_activations, hook_activations
 from sae_lens_itda.sources.models import load_model
@@ -75,7 +78,7 @@ class ConvergedConfig:
     ce_batches: int = 4
     seed: int = 0
     out: str = "outputs/converged/run"
-    resume: bool = False  # keep the sweep and the rows an interrupted run in ``out`` finished
+    resume: bool = False  # keep the sweep and rows an interrupted run in ``out`` finished; continue its SAE
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -88,7 +91,7 @@ class _Stopper:
 
     def __init__(self, cfg: ConvergedConfig, epochs: int):
         self.cfg, self.epochs, self.best, self.stalled = cfg, epochs, -math.inf, 0
-        self.t0, self.reason = time.perf_counter(), f"stopped at max_epochs={epochs}, still improving"
+        self.reason = f"stopped at max_epochs={epochs}, still improving"
 
     def __call__(self, p: HistoryPoint) -> bool:
         if p.tokens_seen == 0:
@@ -101,15 +104,16 @@ class _Stopper:
             span = self.cfg.patience / self.cfg.evals_per_epoch
             self.reason = f"held-out EV rose < {self.cfg.min_delta} per epoch for {span:g} epoch{'' if span == 1 else 's'}"
             return True
-        if self.cfg.budget_s is not None and time.perf_counter() - self.t0 > self.cfg.budget_s:
+        if self.cfg.budget_s is not None and p.seconds > self.cfg.budget_s:
             self.reason = f"stopped at the {self.cfg.budget_s:.0f} s budget, not converged"
             return True
         return False
 
 
 def train_sae(train: torch.Tensor, held_out: torch.Tensor, cfg: ConvergedConfig, width: int, lr: float,
-              epochs: int, stop: bool, metadata: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """One TopK SAE; returns it and its record (held-out EV per epoch, time, why it stopped)."""
+              epochs: int, stop: bool, metadata: dict[str, Any], checkpoint: Path | None = None) -> tuple[Any, dict[str, Any]]:
+    """One TopK SAE; returns it and its record (held-out EV per epoch, time, why it stopped).
+    With ``checkpoint``, an interrupted run continues from its last evaluation."""
     history: list[HistoryPoint] = []
     stopper = _Stopper(cfg, epochs) if stop else None
     acfg = AdamTopKConfig(d_in=train.shape[1], d_sae=width, k=cfg.k, n_epochs=epochs, batch_size=cfg.batch_size,
@@ -117,10 +121,9 @@ def train_sae(train: torch.Tensor, held_out: torch.Tensor, cfg: ConvergedConfig,
     per_epoch = len(train) - len(train) % cfg.batch_size  # each epoch drops its ragged tail
     # evaluations fall on whole batches, evenly through each epoch
     every = max(1, per_epoch // cfg.batch_size // cfg.evals_per_epoch) * cfg.batch_size
-    t0 = time.perf_counter()
     sae = train_topk_adam(train, acfg, progress=True, eval_acts=held_out, eval_every_tokens=every,
-                          history=history, callback=stopper)
-    fit_s = time.perf_counter() - t0  # includes the held-out evaluations
+                          history=history, callback=stopper, checkpoint=checkpoint)
+    fit_s = history[-1].seconds  # includes the held-out evaluations, and a resumed run's earlier time
     curve = [(p.tokens_seen / per_epoch, p.explained_variance) for p in history]
     return sae, {"width": width, "lr": lr, "fit_s": fit_s, "curve": curve, "epochs": curve[-1][0],
                  "stop": stopper.reason if stopper else f"{epochs} epochs (sweep)"}
@@ -157,8 +160,9 @@ def llm_seconds_per_token(model, hook_name: str, acts: Activations, ctx: int, n_
     return (time.perf_counter() - t0) / ids.numel()
 
 
-def _sweep(train, held_out, cfg: ConvergedConfig, metadata) -> tuple[float, list[dict[str, Any]]]:
-    runs = [train_sae(train, held_out, cfg, cfg.sweep_width, lr, cfg.sweep_epochs, False, metadata)[1] for lr in cfg.lrs]
+def _sweep(train, held_out, cfg: ConvergedConfig, metadata, checkpoints: Path | None = None) -> tuple[float, list[dict[str, Any]]]:
+    runs = [train_sae(train, held_out, cfg, cfg.sweep_width, lr, cfg.sweep_epochs, False, metadata,
+                      checkpoints and checkpoints / f"sweep-w{cfg.sweep_width}-lr{lr:g}")[1] for lr in cfg.lrs]
     best = max(runs, key=lambda r: r["curve"][-1][1])
     return best["lr"], runs
 
@@ -196,7 +200,13 @@ def _previous(out: Path) -> tuple[dict[str, Any], list[Result]]:
     """What an interrupted run left in ``out`` (for ``resume``): its record and table rows."""
     if not (out / "converged.json").is_file():
         return {}, []
-    return json.loads((out / "converged.json").read_text()), load_results(out / "results.json")
+    rows = load_results(out / "results.json") if (out / "results.json").is_file() else []  # none after the sweep
+    return json.loads((out / "converged.json").read_text()), rows
+
+
+def _save_record(out: Path, record: dict[str, Any]) -> None:
+    with atomic_file(out / "converged.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=1))
 
 
 def run_converged(cfg: ConvergedConfig, model=None) -> list[Result]:
@@ -214,26 +224,33 @@ def run_converged(cfg: ConvergedConfig, model=None) -> list[Result]:
     score = lambda d: evaluate(d, model, n_tokens=cfg.eval_tokens, context_size=cfg.context_size, ce_batches=cfg.ce_batches)
     title = f"{cfg.model} {cfg.hook_name}: SAEs on {cfg.train_tokens:,} tokens to convergence, ITDAs on a fraction"
     record, results = _previous(out) if cfg.resume else ({}, [])
+    checkpoints = out / "checkpoints"  # SAE training in progress, kept until its row is written
+    if not cfg.resume:
+        shutil.rmtree(checkpoints, ignore_errors=True)
     record.update(config=asdict(cfg), train_rows=len(train))
     per_tok = record.setdefault("llm_s_per_token", per_tok)
     if "lr" not in record:
-        record["lr"], record["sweep"] = _sweep(train, held_out, cfg, meta)
+        record["lr"], record["sweep"] = _sweep(train, held_out, cfg, meta, checkpoints)
+        _save_record(out, record)
+        for lr in cfg.lrs:
+            shutil.rmtree(checkpoints / f"sweep-w{cfg.sweep_width}-lr{lr:g}", ignore_errors=True)
     lr, done = record["lr"], {(r.name, r.note if r.method == METHOD_ITDA else "") for r in results}
-    record.setdefault("saes", [])
+    record["saes"] = [s for s in record.get("saes", []) if (f"TopK k={cfg.k} w={s['width']}", "") in done]
 
     def finish(d, res: Result) -> None:
         res.absorb(score(d))
         results.append(res)
         write_table(results, out, title)
-        (out / "converged.json").write_text(json.dumps(record, indent=1))
+        _save_record(out, record)
 
     for width in (w for w in cfg.widths if (f"TopK k={cfg.k} w={w}", "") not in done):
-        sae, rec = train_sae(train, held_out, cfg, width, lr, cfg.max_epochs, True, meta)
+        sae, rec = train_sae(train, held_out, cfg, width, lr, cfg.max_epochs, True, meta, checkpoints / f"w{width}-lr{lr:g}")
         record["saes"].append(rec)
         finish(sae, Result(METHOD_SAE, f"TopK k={cfg.k} w={width}", cfg.k, None, width, len(train),
                            llm_s=per_tok * cfg.train_tokens, fit_s=rec["fit_s"], wall_s=rec["fit_s"],
                            note=f"lr {lr:.0e}, {rec['epochs']:.3g} epochs: {rec['stop']}",
                            extra={"curve": rec["curve"]}))
+        shutil.rmtree(checkpoints / f"w{width}-lr{lr:g}", ignore_errors=True)
     special = sorted({i for i in (model.tokenizer.bos_token_id, model.tokenizer.eos_token_id,
                                   model.tokenizer.pad_token_id) if i is not None})
     for frac in cfg.fractions:
@@ -271,7 +288,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--taus", type=float, nargs="+", default=list(d.taus))
     p.add_argument("--ce-batches", type=int, default=d.ce_batches)
     p.add_argument("--out", default=d.out)
-    p.add_argument("--resume", action="store_true", help="keep what an interrupted run in --out finished")
+    p.add_argument("--resume", action="store_true",
+                   help="keep what an interrupted run in --out finished; an SAE it was training goes on from its last evaluation")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(fn=run)
 

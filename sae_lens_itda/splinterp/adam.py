@@ -8,16 +8,23 @@ not a re-implementation.
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors.torch import load_file
+from sae_lens.constants import SAE_WEIGHTS_FILENAME
 from sae_lens.saes.sae import SAEMetadata
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
 from tqdm.auto import tqdm
 
 from sae_lens_itda.core.metrics import sae_reconstruct
+from sae_lens_itda.io.atomic import atomic_dir
 from sae_lens_itda.splinterp.batches import Acts, training_batches
 from sae_lens_itda.splinterp.history import Callback, HistoryPoint, Recorder
 from sae_lens_itda.splinterp.config import TopKRunConfig
@@ -73,6 +80,7 @@ def train_topk_adam(
     eval_every_tokens: int | None = None,
     history: list[HistoryPoint] | None = None,
     callback: Callback | None = None,
+    checkpoint: str | Path | None = None,
 ) -> TopKSAE:
     """Train a TopK SAE with SAELens's trainer (Adam) on the same batch stream as PAM-SGD.
 
@@ -84,7 +92,18 @@ def train_topk_adam(
     Arguments other than ``cfg`` are as in
     :func:`~sae_lens_itda.splinterp.pam_sgd.train_pam_sgd`; a ``callback`` returning True
     stops training there.
+
+    ``checkpoint``: a folder where, after each held-out evaluation, the run's state is written
+    (atomically): SAELens's own checkpoint parts (the training SAE's weights, the trainer's
+    optimiser, counters and dead-latent statistics) plus the history. A run given a folder
+    that holds a state continues from it (same shape, rate and seed required; ``n_epochs``
+    may grow), replaying its history to ``history`` and ``callback``. The folder is left in
+    place when training ends; the caller removes it once the result is safe.
     """
+    if checkpoint is not None and (eval_acts is None or eval_every_tokens is None):
+        raise ValueError("checkpoints are written after held-out evaluations: give eval_acts and eval_every_tokens")
+    if checkpoint is not None and history is None and callback is None:
+        history = []  # the evaluations are recorded only when someone keeps them
     device = torch.device(cfg.device)
     sae = _training_sae(cfg, device)
     batches, total = training_batches(
@@ -93,8 +112,12 @@ def train_topk_adam(
     trainer = _trainer(sae, cfg, total, device)
     recorder = Recorder(eval_acts, eval_every_tokens, history, callback, cfg.d_in)
     recon = sae_reconstruct(sae)
-    pbar = tqdm(total=total, desc="Adam (SAELens)", disable=not progress, unit="tok")
     first = True
+    if checkpoint is not None and Path(checkpoint, _PROGRESS).is_file():
+        _load_checkpoint(Path(checkpoint), cfg, sae, trainer, recorder)
+        batches = itertools.islice(batches, trainer.n_training_steps, None)  # the same stream, resumed
+        first = False
+    pbar = tqdm(total=total, initial=trainer.n_training_samples, desc="Adam (SAELens)", disable=not progress, unit="tok")
     for x in batches:
         if first:
             if cfg.init_b_dec_to_mean:
@@ -109,8 +132,11 @@ def train_topk_adam(
         if trainer.n_training_steps % 50 == 0:
             pbar.set_postfix(loss=f"{out.loss.item():.4g}")
         sae.eval()
+        n_points = len(recorder.points)
         if recorder.maybe(trainer.n_training_samples, recon):
             break  # the callback asked to stop (e.g. held-out EV has stopped improving)
+        if checkpoint is not None and len(recorder.points) > n_points:
+            _save_checkpoint(Path(checkpoint), cfg, sae, trainer, recorder)
     pbar.close()
     if first:
         raise ValueError("no training activations were given")
@@ -158,6 +184,33 @@ def _trainer(sae: TopKTrainingSAE, cfg: AdamTopKConfig, total: int | None, devic
         sae=sae,
         data_provider=iter(()),  # unused: we call .step() with our own batches
     )
+
+
+_PROGRESS = "progress.json"  # beside SAELens's weights and trainer state
+_MAY_CHANGE = ("n_epochs", "max_steps")  # a resumed run may be given more data than it began with
+
+
+def _save_checkpoint(folder: Path, cfg: AdamTopKConfig, sae: TopKTrainingSAE, trainer: SAETrainer, recorder: Recorder) -> None:
+    with atomic_dir(folder) as tmp:
+        sae.save_model(tmp)
+        trainer.save_trainer_state(tmp)
+        seconds = time.perf_counter() - recorder.started
+        (tmp / _PROGRESS).write_text(json.dumps({"config": asdict(cfg), "seconds": seconds,
+                                                 "history": [p._asdict() for p in recorder.points]}))
+
+
+def _load_checkpoint(folder: Path, cfg: AdamTopKConfig, sae: TopKTrainingSAE, trainer: SAETrainer, recorder: Recorder) -> None:
+    saved = json.loads((folder / _PROGRESS).read_text())
+    now = asdict(cfg)
+    differ = sorted(k for k in now if k not in _MAY_CHANGE and saved["config"].get(k) != now[k])
+    if differ:
+        raise ValueError(f"the checkpoint in {folder} is of another run ({', '.join(differ)} differ); "
+                         "remove it or give another folder")
+    state = load_file(folder / SAE_WEIGHTS_FILENAME, device=str(sae.device))
+    sae.process_state_dict_for_loading(state)
+    sae.load_state_dict(state)
+    trainer.load_trainer_state(folder)
+    recorder.restore([HistoryPoint(**p) for p in saved["history"]], saved["seconds"])
 
 
 def _inference_sae(sae: TopKTrainingSAE, device: torch.device) -> TopKSAE:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
+import time
+
 import torch
 
 from sae_lens_itda.core.metrics import Reconstruct, check_acts, reconstruction_metrics
@@ -17,6 +19,7 @@ class HistoryPoint(NamedTuple):
     mse: float
     explained_variance: float
     l0: float
+    seconds: float = 0.0  # since training began, evaluations included (a resumed run's earlier time too)
 
 
 Callback = Callable[[HistoryPoint], "bool | None"]  # True: stop training (Adam trainer)
@@ -43,6 +46,8 @@ class Recorder:
         self.callback = callback
         self.next_at = 0
         self.last_at = -1
+        self.points: list[HistoryPoint] = []  # what a checkpoint keeps
+        self.started = time.perf_counter()  # a resumed run moves it back by its earlier seconds
 
     @property
     def active(self) -> bool:
@@ -58,11 +63,25 @@ class Recorder:
             return False
         assert self.eval_acts is not None
         res = reconstruction_metrics(self.eval_acts, recon)
-        point = HistoryPoint(tokens, res["mse"], res["explained_variance"], res["l0"])
-        self.last_at = tokens
+        point = HistoryPoint(tokens, res["mse"], res["explained_variance"], res["l0"], time.perf_counter() - self.started)
+        return self.record(point)
+
+    def record(self, point: HistoryPoint) -> bool:
+        """Append ``point``, schedule the next evaluation and show it to the callback.
+        Returns True when the callback asks training to stop."""
+        self.last_at = point.tokens_seen
         if self.every is not None:
-            while self.next_at <= tokens:
+            while self.next_at <= point.tokens_seen:
                 self.next_at += self.every
+        self.points.append(point)
         if self.history is not None:
             self.history.append(point)
         return bool(self.callback(point)) if self.callback is not None else False
+
+    def restore(self, points: list[HistoryPoint], seconds: float) -> None:
+        """Continue a run that had recorded ``points`` in ``seconds`` of training: they are
+        recorded again, so a stateful callback (an early stopper) is where it was."""
+        for p in points:
+            self.record(p)
+        self.points: list[HistoryPoint] = []  # what a checkpoint keeps
+        self.started = time.perf_counter() - seconds
