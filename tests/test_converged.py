@@ -96,27 +96,38 @@ def test_convergence_plot_is_written(tmp_path):
     assert path.is_file() and path.stat().st_size > 10_000
 
 
-def test_an_interrupted_sae_goes_on_from_its_checkpoint(tmp_path, monkeypatch):
+def test_an_interrupted_sae_goes_on_from_its_checkpoint_and_stops_where_it_would_have(tmp_path, monkeypatch):
     x, held = _data(2048), _data(512, seed=1)
-    cfg = cv.ConvergedConfig(k=4, batch_size=256, evals_per_epoch=2, min_delta=0.0, patience=99)
+    # every evaluation after the first "stalls": an uninterrupted run stops at 1.5 epochs
+    cfg = cv.ConvergedConfig(k=4, batch_size=256, evals_per_epoch=2, min_delta=1.0, patience=2)
     _, whole = cv.train_sae(x, held, cfg, width=32, lr=1e-3, epochs=3, stop=True, metadata={})
-
+    assert [e for e, _ in whole["curve"]] == [0, 0.5, 1, 1.5]
     real = cv._Stopper.__call__
 
-    def killed_after_epoch_2(self, p):  # the process dies at the 2.5-epoch evaluation
-        if p.tokens_seen == 5 * 1024:
+    def killed_at_epoch_1_5(self, p):  # dies before the stopper sees the 1.5-epoch point
+        if p.tokens_seen == 3072:
             raise KeyboardInterrupt
         return real(self, p)
 
-    monkeypatch.setattr(cv._Stopper, "__call__", killed_after_epoch_2)
+    monkeypatch.setattr(cv._Stopper, "__call__", killed_at_epoch_1_5)
     with pytest.raises(KeyboardInterrupt):
         cv.train_sae(x, held, cfg, width=32, lr=1e-3, epochs=3, stop=True, metadata={}, checkpoint=tmp_path / "w32")
     monkeypatch.setattr(cv._Stopper, "__call__", real)
-    earlier_s = json.loads((tmp_path / "w32" / "progress.json").read_text())["seconds"]
+    earlier_s = json.loads((tmp_path / "w32" / "progress.json").read_text())["history"][-1]["seconds"]
     _, rec = cv.train_sae(x, held, cfg, width=32, lr=1e-3, epochs=3, stop=True, metadata={}, checkpoint=tmp_path / "w32")
-    assert [e for e, _ in rec["curve"]] == [0, 0.5, 1, 1.5, 2, 2.5, 3]
+    # the replayed history told the stopper its first stall, so it stops at 1.5 epochs, not 2.5
+    assert rec["stop"] == whole["stop"] and "rose <" in rec["stop"]
     torch.testing.assert_close(torch.tensor(rec["curve"]), torch.tensor(whole["curve"]))  # the same run, not a fresh one
     assert rec["fit_s"] >= earlier_s > 0  # the time before the kill is counted
+
+
+def test_resume_refuses_a_run_of_other_settings(tmp_path):
+    record = {"config": {"train_tokens": 1000, "hook_name": "blocks.1.hook_resid_post"}, "train_rows": 990}
+    cv._check_same_data(record, cv.ConvergedConfig(train_tokens=1000, hook_name="blocks.1.hook_resid_post"), 990, tmp_path)
+    with pytest.raises(ValueError, match="train_tokens differ"):
+        cv._check_same_data(record, cv.ConvergedConfig(train_tokens=2000, hook_name="blocks.1.hook_resid_post"), 990, tmp_path)
+    with pytest.raises(ValueError, match="train_rows differ"):
+        cv._check_same_data(record, cv.ConvergedConfig(train_tokens=1000, hook_name="blocks.1.hook_resid_post"), 991, tmp_path)
 
 
 def test_the_budget_counts_a_resumed_runs_earlier_time():

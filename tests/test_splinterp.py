@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -177,35 +178,68 @@ class _Crash(Exception):
     pass
 
 
-def test_adam_run_killed_and_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(tmp_path: Path):
+def test_adam_run_killed_twice_and_resumed_ends_as_an_uninterrupted_one(tmp_path: Path, monkeypatch):
+    from sae_lens.training.sae_trainer import SAETrainer
+
     X, _, _ = make_sparse_data(3_000, d=16, n_atoms=16, k=2, seed=4)
     train, held = X[:2_500], X[2_500:]
     cfg = AdamTopKConfig(d_in=16, d_sae=32, k=2, n_epochs=3, batch_size=128, lr=1e-2)
+    run = dict(progress=False, eval_acts=held, eval_every_tokens=1_000, checkpoint=tmp_path / "ckpt")
     whole: list[HistoryPoint] = []
     ref = train_topk_adam(train, cfg, progress=False, eval_acts=held, eval_every_tokens=1_000, history=whole)
 
-    def crash_at_4000(p: HistoryPoint) -> None:
-        if p.tokens_seen >= 4_000:
-            raise _Crash  # a kill between two evaluations: the last checkpoint is at ~3,000 tokens
+    # kill 1: during the second checkpoint write; the folder keeps the first checkpoint, whole
+    real_save = SAETrainer.save_trainer_state
+    writes = []
 
-    ckpt = tmp_path / "ckpt"
+    def save_then_die(self, path):
+        writes.append(path)
+        if len(writes) == 2:
+            raise _Crash
+        real_save(self, path)
+
+    monkeypatch.setattr(SAETrainer, "save_trainer_state", save_then_die)
     with pytest.raises(_Crash):
-        train_topk_adam(train, cfg, progress=False, eval_acts=held, eval_every_tokens=1_000, callback=crash_at_4000,
-                        checkpoint=ckpt)
-    assert (ckpt / "progress.json").is_file() and not list(tmp_path.glob(".ckpt*"))  # no half-written folder
+        train_topk_adam(train, cfg, **run)
+    monkeypatch.setattr(SAETrainer, "save_trainer_state", real_save)
+    kept = json.loads((tmp_path / "ckpt" / "progress.json").read_text())["history"]
+    assert [p["tokens_seen"] for p in kept] == [0, 1_024] and len(list(tmp_path.iterdir())) == 1  # no temporaries
+
+    # kill 2: between two evaluations, after the resumed run wrote checkpoints of its own
+    def die_at_4000(p: HistoryPoint) -> None:
+        if p.tokens_seen >= 4_000:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        train_topk_adam(train, cfg, callback=die_at_4000, **run)
     seen: list[HistoryPoint] = []
-    resumed = train_topk_adam(train, cfg, progress=False, eval_acts=held, eval_every_tokens=1_000, history=seen,
-                              checkpoint=ckpt)
+    resumed = train_topk_adam(train, cfg, history=seen, **run)
     # same weights, bit for bit (one thread): optimiser state, counters and the batch stream all resumed
     for name, t in ref.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], t, rtol=0, atol=0)
-    assert [p.tokens_seen for p in seen] == [p.tokens_seen for p in whole]  # earlier points replayed
+    assert [p.tokens_seen for p in seen] == [p.tokens_seen for p in whole]  # every earlier point kept and replayed
     assert [p.seconds for p in seen] == sorted(p.seconds for p in seen)  # time carries on from the checkpoint
-    with pytest.raises(ValueError, match="another run.*lr"):
-        train_topk_adam(train, AdamTopKConfig(d_in=16, d_sae=32, k=2, lr=3e-3), progress=False, eval_acts=held,
-                        eval_every_tokens=1_000, checkpoint=ckpt)
+
+
+def test_adam_checkpoint_refuses_another_run(tmp_path: Path):
+    X, _, _ = make_sparse_data(3_000, d=16, n_atoms=16, k=2, seed=4)
+    train, held = X[:2_500], X[2_500:]
+    cfg = AdamTopKConfig(d_in=16, d_sae=32, k=2, n_epochs=2, batch_size=128, lr=1e-2)
+    run = dict(progress=False, eval_every_tokens=1_000, checkpoint=tmp_path / "ckpt")
+    train_topk_adam(train, cfg, eval_acts=held, **run)
+    with pytest.raises(ValueError, match=r"another run \(lr differ"):
+        train_topk_adam(train, AdamTopKConfig(d_in=16, d_sae=32, k=2, n_epochs=2, batch_size=128, lr=3e-3),
+                        eval_acts=held, **run)
+    with pytest.raises(ValueError, match=r"another run \(train differ"):
+        train_topk_adam(train * 2, cfg, eval_acts=held, **run)
+    with pytest.raises(ValueError, match=r"another run \(eval differ"):
+        train_topk_adam(train, cfg, eval_acts=held[:100], **run)
+    with pytest.raises(ValueError, match="more than this run's"):
+        train_topk_adam(train, AdamTopKConfig(d_in=16, d_sae=32, k=2, n_epochs=1, batch_size=128, lr=1e-2),
+                        eval_acts=held, **run)
     with pytest.raises(ValueError, match="eval_acts"):
         train_topk_adam(train, cfg, progress=False, checkpoint=tmp_path / "other")
+
 
 # --- k-means / local PCA -------------------------------------------------------------------
 

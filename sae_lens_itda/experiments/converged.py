@@ -160,9 +160,14 @@ def llm_seconds_per_token(model, hook_name: str, acts: Activations, ctx: int, n_
     return (time.perf_counter() - t0) / ids.numel()
 
 
+def _run_name(width: int, lr: float, sweep: bool = False) -> str:
+    """An SAE run's checkpoint folder name."""
+    return f"{'sweep-' if sweep else ''}w{width}-lr{lr:g}"
+
+
 def _sweep(train, held_out, cfg: ConvergedConfig, metadata, checkpoints: Path | None = None) -> tuple[float, list[dict[str, Any]]]:
     runs = [train_sae(train, held_out, cfg, cfg.sweep_width, lr, cfg.sweep_epochs, False, metadata,
-                      checkpoints and checkpoints / f"sweep-w{cfg.sweep_width}-lr{lr:g}")[1] for lr in cfg.lrs]
+                      checkpoints and checkpoints / _run_name(cfg.sweep_width, lr, sweep=True))[1] for lr in cfg.lrs]
     best = max(runs, key=lambda r: r["curve"][-1][1])
     return best["lr"], runs
 
@@ -204,6 +209,19 @@ def _previous(out: Path) -> tuple[dict[str, Any], list[Result]]:
     return json.loads((out / "converged.json").read_text()), rows
 
 
+_SAME_DATA = ("model", "hook_name", "train_tokens", "eval_tokens", "context_size", "k", "batch_size", "seed")
+
+
+def _check_same_data(record: dict[str, Any], cfg: ConvergedConfig, train_rows: int, out: Path) -> None:
+    """A resumed run's rows must be of the same activations and SAE shape as the new ones."""
+    old = record.get("config", {})
+    differ = [k for k in _SAME_DATA if k in old and old[k] != getattr(cfg, k)]
+    differ += ["train_rows"] if record.get("train_rows", train_rows) != train_rows else []
+    if differ:
+        raise ValueError(f"--resume: the run in {out} was of other settings ({', '.join(differ)} differ); "
+                         "give another --out, or run without --resume")
+
+
 def _save_record(out: Path, record: dict[str, Any]) -> None:
     with atomic_file(out / "converged.json") as tmp:
         tmp.write_text(json.dumps(record, indent=1))
@@ -224,6 +242,7 @@ def run_converged(cfg: ConvergedConfig, model=None) -> list[Result]:
     score = lambda d: evaluate(d, model, n_tokens=cfg.eval_tokens, context_size=cfg.context_size, ce_batches=cfg.ce_batches)
     title = f"{cfg.model} {cfg.hook_name}: SAEs on {cfg.train_tokens:,} tokens to convergence, ITDAs on a fraction"
     record, results = _previous(out) if cfg.resume else ({}, [])
+    _check_same_data(record, cfg, len(train), out)
     checkpoints = out / "checkpoints"  # SAE training in progress, kept until its row is written
     if not cfg.resume:
         shutil.rmtree(checkpoints, ignore_errors=True)
@@ -233,24 +252,25 @@ def run_converged(cfg: ConvergedConfig, model=None) -> list[Result]:
         record["lr"], record["sweep"] = _sweep(train, held_out, cfg, meta, checkpoints)
         _save_record(out, record)
         for lr in cfg.lrs:
-            shutil.rmtree(checkpoints / f"sweep-w{cfg.sweep_width}-lr{lr:g}", ignore_errors=True)
+            shutil.rmtree(checkpoints / _run_name(cfg.sweep_width, lr, sweep=True), ignore_errors=True)
     lr, done = record["lr"], {(r.name, r.note if r.method == METHOD_ITDA else "") for r in results}
     record["saes"] = [s for s in record.get("saes", []) if (f"TopK k={cfg.k} w={s['width']}", "") in done]
 
     def finish(d, res: Result) -> None:
         res.absorb(score(d))
         results.append(res)
+        _save_record(out, record)  # before the row that marks it done: a resumed run must find its curve
         write_table(results, out, title)
-        _save_record(out, record)
 
     for width in (w for w in cfg.widths if (f"TopK k={cfg.k} w={w}", "") not in done):
-        sae, rec = train_sae(train, held_out, cfg, width, lr, cfg.max_epochs, True, meta, checkpoints / f"w{width}-lr{lr:g}")
+        sae, rec = train_sae(train, held_out, cfg, width, lr, cfg.max_epochs, True, meta, checkpoints / _run_name(width, lr))
         record["saes"].append(rec)
         finish(sae, Result(METHOD_SAE, f"TopK k={cfg.k} w={width}", cfg.k, None, width, len(train),
                            llm_s=per_tok * cfg.train_tokens, fit_s=rec["fit_s"], wall_s=rec["fit_s"],
                            note=f"lr {lr:.0e}, {rec['epochs']:.3g} epochs: {rec['stop']}",
                            extra={"curve": rec["curve"]}))
-        shutil.rmtree(checkpoints / f"w{width}-lr{lr:g}", ignore_errors=True)
+        shutil.rmtree(checkpoints / _run_name(width, lr), ignore_errors=True)  # hundreds of MB at 16k
+    shutil.rmtree(checkpoints, ignore_errors=True)  # and any left by a run killed between row and removal
     special = sorted({i for i in (model.tokenizer.bos_token_id, model.tokenizer.eos_token_id,
                                   model.tokenizer.pad_token_id) if i is not None})
     for frac in cfg.fractions:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -96,9 +95,10 @@ def train_topk_adam(
     ``checkpoint``: a folder where, after each held-out evaluation, the run's state is written
     (atomically): SAELens's own checkpoint parts (the training SAE's weights, the trainer's
     optimiser, counters and dead-latent statistics) plus the history. A run given a folder
-    that holds a state continues from it (same shape, rate and seed required; ``n_epochs``
-    may grow), replaying its history to ``history`` and ``callback``. The folder is left in
-    place when training ends; the caller removes it once the result is safe.
+    that holds a state continues from it, replaying its history to ``history`` and
+    ``callback``; everything but ``n_epochs`` and ``max_steps`` must be as before (the config,
+    the training and held-out activations, ``eval_every_tokens``), or it raises. The folder
+    is left in place when training ends; the caller removes it once the result is safe.
     """
     if checkpoint is not None and (eval_acts is None or eval_every_tokens is None):
         raise ValueError("checkpoints are written after held-out evaluations: give eval_acts and eval_every_tokens")
@@ -113,9 +113,14 @@ def train_topk_adam(
     recorder = Recorder(eval_acts, eval_every_tokens, history, callback, cfg.d_in)
     recon = sae_reconstruct(sae)
     first = True
+    run = _run_identity(cfg, acts, eval_acts, eval_every_tokens)
     if checkpoint is not None and Path(checkpoint, _PROGRESS).is_file():
-        _load_checkpoint(Path(checkpoint), cfg, sae, trainer, recorder)
-        batches = itertools.islice(batches, trainer.n_training_steps, None)  # the same stream, resumed
+        stop = _load_checkpoint(Path(checkpoint), run, sae, trainer, recorder)
+        if total is not None and trainer.n_training_samples > total:
+            raise ValueError(f"the checkpoint in {checkpoint} has trained {trainer.n_training_samples:,} tokens, "
+                             f"more than this run's {total:,} (n_epochs or max_steps lowered?)")
+        # the same seeded stream, past the batches already trained on (none if it had been told to stop)
+        batches = iter(()) if stop else itertools.islice(batches, trainer.n_training_steps, None)
         first = False
     pbar = tqdm(total=total, initial=trainer.n_training_samples, desc="Adam (SAELens)", disable=not progress, unit="tok")
     for x in batches:
@@ -136,7 +141,7 @@ def train_topk_adam(
         if recorder.maybe(trainer.n_training_samples, recon):
             break  # the callback asked to stop (e.g. held-out EV has stopped improving)
         if checkpoint is not None and len(recorder.points) > n_points:
-            _save_checkpoint(Path(checkpoint), cfg, sae, trainer, recorder)
+            _save_checkpoint(Path(checkpoint), run, sae, trainer, recorder)
     pbar.close()
     if first:
         raise ValueError("no training activations were given")
@@ -190,19 +195,32 @@ _PROGRESS = "progress.json"  # beside SAELens's weights and trainer state
 _MAY_CHANGE = ("n_epochs", "max_steps")  # a resumed run may be given more data than it began with
 
 
-def _save_checkpoint(folder: Path, cfg: AdamTopKConfig, sae: TopKTrainingSAE, trainer: SAETrainer, recorder: Recorder) -> None:
+def _fingerprint(t: torch.Tensor) -> list[float]:
+    """Rows and a strided sample's sum: tells another activation set apart cheaply."""
+    return [t.shape[0], float(t[:: max(1, t.shape[0] // 4096)].double().sum())]
+
+
+def _run_identity(cfg: AdamTopKConfig, acts: Acts, eval_acts: torch.Tensor | None, eval_every: int | None) -> dict:
+    """What a checkpoint must share with the run that continues it."""
+    return {"config": {k: v for k, v in asdict(cfg).items() if k not in _MAY_CHANGE},
+            "train": _fingerprint(acts) if isinstance(acts, torch.Tensor) else None,
+            "eval": None if eval_acts is None else _fingerprint(eval_acts), "eval_every_tokens": eval_every}
+
+
+def _save_checkpoint(folder: Path, run: dict, sae: TopKTrainingSAE, trainer: SAETrainer, recorder: Recorder) -> None:
     with atomic_dir(folder) as tmp:
         sae.save_model(tmp)
         trainer.save_trainer_state(tmp)
-        seconds = time.perf_counter() - recorder.started
-        (tmp / _PROGRESS).write_text(json.dumps({"config": asdict(cfg), "seconds": seconds,
-                                                 "history": [p._asdict() for p in recorder.points]}))
+        (tmp / _PROGRESS).write_text(json.dumps({"run": run, "history": [p._asdict() for p in recorder.points]}))
 
 
-def _load_checkpoint(folder: Path, cfg: AdamTopKConfig, sae: TopKTrainingSAE, trainer: SAETrainer, recorder: Recorder) -> None:
-    saved = json.loads((folder / _PROGRESS).read_text())
-    now = asdict(cfg)
-    differ = sorted(k for k in now if k not in _MAY_CHANGE and saved["config"].get(k) != now[k])
+def _load_checkpoint(folder: Path, run: dict, sae: TopKTrainingSAE, trainer: SAETrainer, recorder: Recorder) -> bool:
+    """Load the state in ``folder`` into ``sae``, ``trainer`` and ``recorder``; True if the
+    replayed history asks to stop."""
+    progress = json.loads((folder / _PROGRESS).read_text())
+    saved = progress["run"]
+    differ = sorted({k for k in run["config"] if saved["config"].get(k) != run["config"][k]}
+                    | {k for k in ("train", "eval", "eval_every_tokens") if saved[k] != run[k]})
     if differ:
         raise ValueError(f"the checkpoint in {folder} is of another run ({', '.join(differ)} differ); "
                          "remove it or give another folder")
@@ -210,7 +228,7 @@ def _load_checkpoint(folder: Path, cfg: AdamTopKConfig, sae: TopKTrainingSAE, tr
     sae.process_state_dict_for_loading(state)
     sae.load_state_dict(state)
     trainer.load_trainer_state(folder)
-    recorder.restore([HistoryPoint(**p) for p in saved["history"]], saved["seconds"])
+    return recorder.restore([HistoryPoint(**p) for p in progress["history"]])
 
 
 def _inference_sae(sae: TopKTrainingSAE, device: torch.device) -> TopKSAE:

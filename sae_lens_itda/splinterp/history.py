@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import NamedTuple
-
-import time
 
 import torch
 
@@ -47,7 +46,7 @@ class Recorder:
         self.next_at = 0
         self.last_at = -1
         self.points: list[HistoryPoint] = []  # what a checkpoint keeps
-        self.started = time.perf_counter()  # a resumed run moves it back by its earlier seconds
+        self.started = time.perf_counter()  # a resumed run moves it back by its earlier time
 
     @property
     def active(self) -> bool:
@@ -78,10 +77,12 @@ class Recorder:
             self.history.append(point)
         return bool(self.callback(point)) if self.callback is not None else False
 
-    def restore(self, points: list[HistoryPoint], seconds: float) -> None:
-        """Continue a run that had recorded ``points`` in ``seconds`` of training: they are
-        recorded again, so a stateful callback (an early stopper) is where it was."""
+    def restore(self, points: list[HistoryPoint]) -> bool:
+        """Continue a run that had recorded ``points``: they are recorded again, so a stateful
+        callback (an early stopper) is where it was, and the clock goes on from the last one.
+        Returns True when the callback asks training to stop."""
+        stop = False
         for p in points:
-            self.record(p)
-        self.points: list[HistoryPoint] = []  # what a checkpoint keeps
-        self.started = time.perf_counter() - seconds
+            stop = self.record(p) or stop
+        self.started = time.perf_counter() - (points[-1].seconds if points else 0.0)
+        return stop

@@ -330,7 +330,7 @@ def train_pam_sgd(
             of this many training tokens (evaluation happens at window ends, after the
             decoder solve); the start and the end are always evaluated.
         history: If given, a list to which ``HistoryPoint(tokens_seen, mse,
-            explained_variance, l0)`` records are appended.
+            explained_variance, l0, seconds)`` records are appended.
         callback: Called with each ``HistoryPoint``.
 
     Loop: for each window of ``encoder_steps_per_decoder_solve`` batches, one Adam step
