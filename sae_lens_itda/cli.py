@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(fn=evaluate_cmd)
     for name, (module_name, hlp) in COMMANDS.items():
         module = importlib.import_module(module_name)
-        sp = sub.add_parser(name, help=hlp)
+        sp = sub.add_parser(name, help=hlp.replace("%", "%%"))  # argparse %-formats help texts
         module.add_arguments(sp)
         sp.set_defaults(fn=module.run)
     return p

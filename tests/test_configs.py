@@ -65,3 +65,18 @@ def test_configs_load_with_todays_datasets_and_transformers(path):
     assert cfg.dataset_path not in LOADING_SCRIPT_DATASETS
     # transformers 5 lets `dtype` win over `torch_dtype`: configs say `dtype`.
     assert "torch_dtype" not in (cfg.model_from_pretrained_kwargs or {})
+
+
+def test_help_of_the_command_line_and_of_every_command_prints():
+    """``--help`` %-formats every help text: a bare "1%" once crashed ``sae-lens-itda --help``."""
+    import argparse
+
+    from sae_lens_itda.cli import COMMANDS, build_parser
+
+    parser = build_parser()
+    top = parser.format_help()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(COMMANDS) | {"train", "demo", "eval"} <= set(sub.choices)
+    assert "1% and 10%" in top  # the converged-sae line, unescaped
+    for name, command in sub.choices.items():
+        assert command.format_help().startswith(f"usage: sae-lens-itda {name}")
