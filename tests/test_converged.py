@@ -134,3 +134,18 @@ def test_the_budget_counts_a_resumed_runs_earlier_time():
     stop = cv._Stopper(cv.ConvergedConfig(budget_s=100.0), epochs=30)
     assert stop(HistoryPoint(100, 0.0, 0.5, 4.0, seconds=60.0)) is False
     assert stop(HistoryPoint(200, 0.0, 0.9, 4.0, seconds=101.0)) is True and "budget" in stop.reason
+
+
+def test_an_sae_stopped_by_the_budget_goes_on_when_given_more(tmp_path):
+    x, held = _data(2048), _data(512, seed=1)
+    cfg = cv.ConvergedConfig(k=4, batch_size=256, evals_per_epoch=2, min_delta=0.0, patience=99, budget_s=0.0)
+    _, cut = cv.train_sae(x, held, cfg, width=32, lr=1e-3, epochs=3, stop=True, metadata={}, checkpoint=tmp_path / "w32")
+    assert "budget" in cut["stop"] and not cut["converged"] and [e for e, _ in cut["curve"]] == [0, 0.5]
+    assert len(json.loads((tmp_path / "w32" / "progress.json").read_text())["history"]) == 2  # saved where it stopped
+    cfg.budget_s = None  # --resume --budget-s larger: the same SAE goes on from its checkpoint
+    _, more = cv.train_sae(x, held, cfg, width=32, lr=1e-3, epochs=3, stop=True, metadata={}, checkpoint=tmp_path / "w32")
+    assert more["curve"][:2] == cut["curve"] and [e for e, _ in more["curve"]] == [0, 0.5, 1, 1.5, 2, 2.5, 3]
+    assert not more["converged"] and "max_epochs" in more["stop"]
+    cfg.patience, cfg.min_delta = 1, 1.0
+    _, done = cv.train_sae(x, held, cfg, width=32, lr=1e-3, epochs=5, stop=True, metadata={}, checkpoint=tmp_path / "w32")
+    assert done["converged"] and "rose <" in done["stop"]

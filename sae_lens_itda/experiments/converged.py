@@ -15,7 +15,8 @@ an SAE trained to convergence. This workflow measures that on one cached activat
    epoch for ``patience`` evaluations in a row (or ``max_epochs``, or ``budget_s`` of training,
    whichever comes first: the table says which). On a large corpus, evaluating twice an epoch
    confirms a plateau in one epoch instead of two. Each evaluation checkpoints the SAE in
-   ``out/checkpoints``, so ``resume`` continues an interrupted SAE where it was.
+   ``out/checkpoints``, so ``resume`` continues an interrupted SAE where it was, and one
+   stopped by the budget (or ``max_epochs``) when given more.
 4. ITDAs built on the first 1% and 10% of the same tokens (whole windows), per ``taus``.
 5. Every dictionary scored by :func:`~sae_lens_itda.evaluation.heldout.evaluate` (EV with and
    without sinks, CE-loss and KL scores, L0), in ``compare``'s table and plots, plus
@@ -90,7 +91,7 @@ class _Stopper:
     """Callback for :func:`train_topk_adam`: stops when held-out EV has stalled, or on budget."""
 
     def __init__(self, cfg: ConvergedConfig, epochs: int):
-        self.cfg, self.epochs, self.best, self.stalled = cfg, epochs, -math.inf, 0
+        self.cfg, self.epochs, self.best, self.stalled, self.converged = cfg, epochs, -math.inf, 0, False
         self.reason = f"stopped at max_epochs={epochs}, still improving"
 
     def __call__(self, p: HistoryPoint) -> bool:
@@ -103,6 +104,7 @@ class _Stopper:
         if self.stalled >= self.cfg.patience:
             span = self.cfg.patience / self.cfg.evals_per_epoch
             self.reason = f"held-out EV rose < {self.cfg.min_delta} per epoch for {span:g} epoch{'' if span == 1 else 's'}"
+            self.converged = True
             return True
         if self.cfg.budget_s is not None and p.seconds > self.cfg.budget_s:
             self.reason = f"stopped at the {self.cfg.budget_s:.0f} s budget, not converged"
@@ -126,7 +128,8 @@ def train_sae(train: torch.Tensor, held_out: torch.Tensor, cfg: ConvergedConfig,
     fit_s = history[-1].seconds  # includes the held-out evaluations, and a resumed run's earlier time
     curve = [(p.tokens_seen / per_epoch, p.explained_variance) for p in history]
     return sae, {"width": width, "lr": lr, "fit_s": fit_s, "curve": curve, "epochs": curve[-1][0],
-                 "stop": stopper.reason if stopper else f"{epochs} epochs (sweep)"}
+                 "stop": stopper.reason if stopper else f"{epochs} epochs (sweep)",
+                 "converged": bool(stopper and stopper.converged)}
 
 
 def build_itda(acts: Activations, n_windows: int, cfg: ConvergedConfig, tau: float, special: list[int],
@@ -243,7 +246,7 @@ def run_converged(cfg: ConvergedConfig, model=None) -> list[Result]:
     title = f"{cfg.model} {cfg.hook_name}: SAEs on {cfg.train_tokens:,} tokens to convergence, ITDAs on a fraction"
     record, results = _previous(out) if cfg.resume else ({}, [])
     _check_same_data(record, cfg, len(train), out)
-    checkpoints = out / "checkpoints"  # SAE training in progress, kept until its row is written
+    checkpoints = out / "checkpoints"  # SAEs in training, and unconverged ones (to be extended)
     if not cfg.resume:
         shutil.rmtree(checkpoints, ignore_errors=True)
     record.update(config=asdict(cfg), train_rows=len(train))
@@ -254,7 +257,11 @@ def run_converged(cfg: ConvergedConfig, model=None) -> list[Result]:
         for lr in cfg.lrs:
             shutil.rmtree(checkpoints / _run_name(cfg.sweep_width, lr, sweep=True), ignore_errors=True)
     lr, done = record["lr"], {(r.name, r.note if r.method == METHOD_ITDA else "") for r in results}
-    record["saes"] = [s for s in record.get("saes", []) if (f"TopK k={cfg.k} w={s['width']}", "") in done]
+    sae_name = lambda w: f"TopK k={cfg.k} w={w}"
+    record["saes"] = [s for s in record.get("saes", []) if (sae_name(s["width"]), "") in done]
+    # an SAE stopped by the budget or max_epochs keeps its checkpoint: --resume with more of either extends it
+    extend = {s["width"] for s in record["saes"] if not s.get("converged", True)
+              and (checkpoints / _run_name(s["width"], s["lr"]) / "progress.json").is_file()}
 
     def finish(d, res: Result) -> None:
         res.absorb(score(d))
@@ -262,15 +269,18 @@ def run_converged(cfg: ConvergedConfig, model=None) -> list[Result]:
         _save_record(out, record)  # before the row that marks it done: a resumed run must find its curve
         write_table(results, out, title)
 
-    for width in (w for w in cfg.widths if (f"TopK k={cfg.k} w={w}", "") not in done):
+    for width in (w for w in cfg.widths if (sae_name(w), "") not in done or w in extend):
+        results[:] = [r for r in results if (r.name, r.method) != (sae_name(width), METHOD_SAE)]
+        record["saes"] = [s for s in record["saes"] if s["width"] != width]
         sae, rec = train_sae(train, held_out, cfg, width, lr, cfg.max_epochs, True, meta, checkpoints / _run_name(width, lr))
         record["saes"].append(rec)
-        finish(sae, Result(METHOD_SAE, f"TopK k={cfg.k} w={width}", cfg.k, None, width, len(train),
+        finish(sae, Result(METHOD_SAE, sae_name(width), cfg.k, None, width, len(train),
                            llm_s=per_tok * cfg.train_tokens, fit_s=rec["fit_s"], wall_s=rec["fit_s"],
                            note=f"lr {lr:.0e}, {rec['epochs']:.3g} epochs: {rec['stop']}",
                            extra={"curve": rec["curve"]}))
-        shutil.rmtree(checkpoints / _run_name(width, lr), ignore_errors=True)  # hundreds of MB at 16k
-    shutil.rmtree(checkpoints, ignore_errors=True)  # and any left by a run killed between row and removal
+    for s in record["saes"]:  # a converged SAE's checkpoint (hundreds of MB at 16k) is no longer needed
+        if s.get("converged", True):
+            shutil.rmtree(checkpoints / _run_name(s["width"], s["lr"]), ignore_errors=True)
     special = sorted({i for i in (model.tokenizer.bos_token_id, model.tokenizer.eos_token_id,
                                   model.tokenizer.pad_token_id) if i is not None})
     for frac in cfg.fractions:
@@ -309,7 +319,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ce-batches", type=int, default=d.ce_batches)
     p.add_argument("--out", default=d.out)
     p.add_argument("--resume", action="store_true",
-                   help="keep what an interrupted run in --out finished; an SAE it was training goes on from its last evaluation")
+                   help="keep what an interrupted run in --out finished; an SAE it was training goes on from its last "
+                        "evaluation, and one stopped by --budget-s or --max-epochs goes on if they are raised")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(fn=run)
 

@@ -138,10 +138,11 @@ def train_topk_adam(
             pbar.set_postfix(loss=f"{out.loss.item():.4g}")
         sae.eval()
         n_points = len(recorder.points)
-        if recorder.maybe(trainer.n_training_samples, recon):
-            break  # the callback asked to stop (e.g. held-out EV has stopped improving)
+        stop = recorder.maybe(trainer.n_training_samples, recon)
         if checkpoint is not None and len(recorder.points) > n_points:
-            _save_checkpoint(Path(checkpoint), run, sae, trainer, recorder)
+            _save_checkpoint(Path(checkpoint), run, sae, trainer, recorder)  # a stopped run can be extended
+        if stop:
+            break  # the callback asked to stop (e.g. held-out EV has stopped improving)
     pbar.close()
     if first:
         raise ValueError("no training activations were given")
