@@ -173,7 +173,6 @@ def test_adam_baseline_trains_and_loads(tmp_path: Path):
     assert isinstance(SAE.load_from_disk(tmp_path / "adam"), TopKSAE)
 
 
-
 class _Crash(Exception):
     pass
 

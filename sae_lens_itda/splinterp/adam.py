@@ -100,10 +100,13 @@ def train_topk_adam(
     the training and held-out activations, ``eval_every_tokens``), or it raises. The folder
     is left in place when training ends; the caller removes it once the result is safe.
     """
-    if checkpoint is not None and (eval_acts is None or eval_every_tokens is None):
-        raise ValueError("checkpoints are written after held-out evaluations: give eval_acts and eval_every_tokens")
-    if checkpoint is not None and history is None and callback is None:
-        history = []  # the evaluations are recorded only when someone keeps them
+    if checkpoint is not None:
+        if eval_acts is None or eval_every_tokens is None:
+            raise ValueError("checkpoints are written after held-out evaluations: give eval_acts and eval_every_tokens")
+        checkpoint = Path(checkpoint)
+        run = _run_identity(cfg, acts, eval_acts, eval_every_tokens)
+        if history is None and callback is None:
+            history = []  # the evaluations are recorded only when someone keeps them
     device = torch.device(cfg.device)
     sae = _training_sae(cfg, device)
     batches, total = training_batches(
@@ -113,12 +116,8 @@ def train_topk_adam(
     recorder = Recorder(eval_acts, eval_every_tokens, history, callback, cfg.d_in)
     recon = sae_reconstruct(sae)
     first = True
-    run = _run_identity(cfg, acts, eval_acts, eval_every_tokens)
-    if checkpoint is not None and Path(checkpoint, _PROGRESS).is_file():
-        stop = _load_checkpoint(Path(checkpoint), run, sae, trainer, recorder)
-        if total is not None and trainer.n_training_samples > total:
-            raise ValueError(f"the checkpoint in {checkpoint} has trained {trainer.n_training_samples:,} tokens, "
-                             f"more than this run's {total:,} (n_epochs or max_steps lowered?)")
+    if checkpoint is not None and (checkpoint / _PROGRESS).is_file():
+        stop = _load_checkpoint(checkpoint, run, total, sae, trainer, recorder)
         # the same seeded stream, past the batches already trained on (none if it had been told to stop)
         batches = iter(()) if stop else itertools.islice(batches, trainer.n_training_steps, None)
         first = False
@@ -140,7 +139,7 @@ def train_topk_adam(
         n_points = len(recorder.points)
         stop = recorder.maybe(trainer.n_training_samples, recon)
         if checkpoint is not None and len(recorder.points) > n_points:
-            _save_checkpoint(Path(checkpoint), run, sae, trainer, recorder)  # a stopped run can be extended
+            _save_checkpoint(checkpoint, run, sae, trainer, recorder)  # a stopped run can be extended
         if stop:
             break  # the callback asked to stop (e.g. held-out EV has stopped improving)
     pbar.close()
@@ -215,9 +214,10 @@ def _save_checkpoint(folder: Path, run: dict, sae: TopKTrainingSAE, trainer: SAE
         (tmp / _PROGRESS).write_text(json.dumps({"run": run, "history": [p._asdict() for p in recorder.points]}))
 
 
-def _load_checkpoint(folder: Path, run: dict, sae: TopKTrainingSAE, trainer: SAETrainer, recorder: Recorder) -> bool:
-    """Load the state in ``folder`` into ``sae``, ``trainer`` and ``recorder``; True if the
-    replayed history asks to stop."""
+def _load_checkpoint(folder: Path, run: dict, total: int | None, sae: TopKTrainingSAE, trainer: SAETrainer,
+                     recorder: Recorder) -> bool:
+    """Load the state in ``folder`` into ``sae``, ``trainer`` and ``recorder`` if it is of ``run``
+    and within its ``total`` tokens; True if the replayed history asks to stop."""
     progress = json.loads((folder / _PROGRESS).read_text())
     saved = progress["run"]
     differ = sorted({k for k in run["config"] if saved["config"].get(k) != run["config"][k]}
@@ -229,6 +229,9 @@ def _load_checkpoint(folder: Path, run: dict, sae: TopKTrainingSAE, trainer: SAE
     sae.process_state_dict_for_loading(state)
     sae.load_state_dict(state)
     trainer.load_trainer_state(folder)
+    if total is not None and trainer.n_training_samples > total:
+        raise ValueError(f"the checkpoint in {folder} has trained {trainer.n_training_samples:,} tokens, "
+                         f"more than this run's {total:,} (n_epochs or max_steps lowered?)")
     return recorder.restore([HistoryPoint(**p) for p in progress["history"]])
 
 
