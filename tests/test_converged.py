@@ -149,3 +149,14 @@ def test_an_sae_stopped_by_the_budget_goes_on_when_given_more(tmp_path):
     cfg.patience, cfg.min_delta = 1, 1.0
     _, done = cv.train_sae(x, held, cfg, width=32, lr=1e-3, epochs=5, stop=True, metadata={}, checkpoint=tmp_path / "w32")
     assert done["converged"] and "rose <" in done["stop"]
+
+
+def test_only_unconverged_checkpoints_are_kept(tmp_path):
+    for name in ("w32-lr0.001", "w64-lr0.001", "sweep-w32-lr0.01", "w16-lr0.003"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "progress.json").write_text("{}")
+    saes = [{"width": 32, "lr": 1e-3, "converged": False}, {"width": 64, "lr": 1e-3, "converged": True}]
+    cv._prune_checkpoints(tmp_path, saes)  # w16 and the sweep's: left by a killed or re-configured run
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w32-lr0.001"]
+    assert cv.has_checkpoint(tmp_path / "w32-lr0.001") and not cv.has_checkpoint(tmp_path / "w64-lr0.001")
+    cv._prune_checkpoints(tmp_path / "absent", saes)  # no folder yet: nothing to do

@@ -50,7 +50,7 @@ from sae_lens_itda.io.atomic import atomic_file
 from sae_lens_itda.itda import ITDA
 from sae_lens_itda.sources.activations import Activations, cached_activations, hook_activations
 from sae_lens_itda.sources.models import load_model
-from sae_lens_itda.splinterp.adam import AdamTopKConfig, train_topk_adam
+from sae_lens_itda.splinterp.adam import AdamTopKConfig, has_checkpoint, train_topk_adam
 from sae_lens_itda.splinterp.history import HistoryPoint
 
 
@@ -168,6 +168,15 @@ def _run_name(width: int, lr: float, sweep: bool = False) -> str:
     return f"{'sweep-' if sweep else ''}w{width}-lr{lr:g}"
 
 
+def _prune_checkpoints(checkpoints: Path, saes: list[dict[str, Any]]) -> None:
+    """Keep only unconverged SAEs' checkpoints (to be extended); converged ones' (hundreds of MB
+    at 16k) and any a killed or re-configured run left behind go."""
+    keep = {_run_name(s["width"], s["lr"]) for s in saes if not s.get("converged", True)}
+    for folder in checkpoints.iterdir() if checkpoints.is_dir() else ():
+        if folder.name not in keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def _sweep(train, held_out, cfg: ConvergedConfig, metadata, checkpoints: Path | None = None) -> tuple[float, list[dict[str, Any]]]:
     runs = [train_sae(train, held_out, cfg, cfg.sweep_width, lr, cfg.sweep_epochs, False, metadata,
                       checkpoints and checkpoints / _run_name(cfg.sweep_width, lr, sweep=True))[1] for lr in cfg.lrs]
@@ -261,7 +270,7 @@ def run_converged(cfg: ConvergedConfig, model=None) -> list[Result]:
     record["saes"] = [s for s in record.get("saes", []) if (sae_name(s["width"]), "") in done]
     # an SAE stopped by the budget or max_epochs keeps its checkpoint: --resume with more of either extends it
     extend = {s["width"] for s in record["saes"] if not s.get("converged", True)
-              and (checkpoints / _run_name(s["width"], s["lr"]) / "progress.json").is_file()}
+              and has_checkpoint(checkpoints / _run_name(s["width"], s["lr"]))}
 
     def finish(d, res: Result) -> None:
         res.absorb(score(d))
@@ -278,9 +287,7 @@ def run_converged(cfg: ConvergedConfig, model=None) -> list[Result]:
                            llm_s=per_tok * cfg.train_tokens, fit_s=rec["fit_s"], wall_s=rec["fit_s"],
                            note=f"lr {lr:.0e}, {rec['epochs']:.3g} epochs: {rec['stop']}",
                            extra={"curve": rec["curve"]}))
-    for s in record["saes"]:  # a converged SAE's checkpoint (hundreds of MB at 16k) is no longer needed
-        if s.get("converged", True):
-            shutil.rmtree(checkpoints / _run_name(s["width"], s["lr"]), ignore_errors=True)
+    _prune_checkpoints(checkpoints, record["saes"])
     special = sorted({i for i in (model.tokenizer.bos_token_id, model.tokenizer.eos_token_id,
                                   model.tokenizer.pad_token_id) if i is not None})
     for frac in cfg.fractions:

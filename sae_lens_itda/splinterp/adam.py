@@ -116,7 +116,7 @@ def train_topk_adam(
     recorder = Recorder(eval_acts, eval_every_tokens, history, callback, cfg.d_in)
     recon = sae_reconstruct(sae)
     first = True
-    if checkpoint is not None and (checkpoint / _PROGRESS).is_file():
+    if checkpoint is not None and has_checkpoint(checkpoint):
         stop = _load_checkpoint(checkpoint, run, total, sae, trainer, recorder)
         # the same seeded stream, past the batches already trained on (none if it had been told to stop)
         batches = iter(()) if stop else itertools.islice(batches, trainer.n_training_steps, None)
@@ -193,6 +193,11 @@ def _trainer(sae: TopKTrainingSAE, cfg: AdamTopKConfig, total: int | None, devic
 
 _PROGRESS = "progress.json"  # beside SAELens's weights and trainer state
 _MAY_CHANGE = ("n_epochs", "max_steps")  # a resumed run may be given more data than it began with
+
+
+def has_checkpoint(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a state that ``train_topk_adam(..., checkpoint=folder)`` continues."""
+    return (Path(folder) / _PROGRESS).is_file()
 
 
 def _fingerprint(t: torch.Tensor) -> list[float]:
